@@ -1,0 +1,107 @@
+"""PNG plots of stored runs: accuracy-matrix heatmaps and accuracy over experiences (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ..evaluation.matrix import accuracy_seen_so_far
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_matrix(matrix, path: Path, *, title: str = "", experience_names: list[str] | None = None) -> Path:
+    """Heatmap of ``R[i][j]`` (rows: after training experience i; columns: test experience j), in %."""
+    plt = _pyplot()
+    m = 100 * np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * m.shape[1], 1.0 + 0.5 * m.shape[0]))
+    im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if m[i, j] < 60 else "black")
+    names = experience_names or [str(j) for j in range(m.shape[1])]
+    ax.set_xticks(range(m.shape[1]), names, rotation=45, ha="right", fontsize=7)
+    rows = names if m.shape[0] == m.shape[1] else ["all"]
+    ax.set_yticks(range(m.shape[0]), rows, fontsize=7)
+    ax.set_xlabel("test experience")
+    ax.set_ylabel("after training")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") -> Path:
+    """Mean accuracy on the experiences seen so far, and on all experiences, after each training experience.
+
+    One line per method (mean over seeds, shaded +- std). Methods trained once (Joint) are drawn as a
+    horizontal dashed line at their final accuracy.
+    """
+    plt = _pyplot()
+    by_method: OrderedDict[str, list[dict]] = OrderedDict()
+    for r in results:
+        by_method.setdefault(r["label"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    n = max(len(r["accuracy_matrix"][0]) for r in results)
+    x = np.arange(1, n + 1)
+    for label, runs in by_method.items():
+        mats = [np.asarray(r["accuracy_matrix"], dtype=float) for r in runs]
+        if mats[0].shape[0] == 1:
+            final = 100 * np.mean([m.mean() for m in mats])
+            for ax in axes:
+                ax.axhline(final, ls="--", lw=1, color="gray")
+                ax.text(n, final, f" {label}", va="center", fontsize=7, color="gray")
+            continue
+        seen = 100 * np.array([accuracy_seen_so_far(m) for m in mats])
+        overall = 100 * np.array([m.mean(axis=1) for m in mats])
+        for ax, curves in ((axes[0], seen), (axes[1], overall)):
+            mean, std = curves.mean(0), curves.std(0)
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    axes[0].set_title("accuracy on experiences seen so far", fontsize=9)
+    axes[1].set_title("accuracy on all experiences", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("experiences trained")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(results: list[dict], out_dir: Path) -> list[Path]:
+    """All plots for a set of runs: a heatmap per (benchmark, method) and curves per benchmark."""
+    written = []
+    by_bench: OrderedDict[str, list[dict]] = OrderedDict()
+    for r in results:
+        by_bench.setdefault(r["benchmark"], []).append(r)
+    for bench, runs in by_bench.items():
+        written.append(plot_accuracy_curves(runs, out_dir / f"{bench}_accuracy_curves.png", title=bench))
+        labels = list(OrderedDict.fromkeys(r["label"] for r in runs))
+        for label in labels:
+            mats = [np.asarray(r["accuracy_matrix"], dtype=float) for r in runs if r["label"] == label]
+            mean = np.mean(mats, axis=0)
+            all_names = {tuple(r["experience_names"]) for r in runs if r["label"] == label}
+            names = list(all_names.pop()) if len(all_names) == 1 else None  # class orders differ across seeds
+            written.append(plot_accuracy_matrix(mean, out_dir / f"{bench}_{label}_matrix.png",
+                                                title=f"{bench} / {label} (mean of {len(mats)} seeds)",
+                                                experience_names=names))
+    return written

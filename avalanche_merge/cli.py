@@ -1,0 +1,125 @@
+"""The ``avalanche-merge`` command: ``list``, ``run CONFIG``, ``bench`` and ``pretrain``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .benchmarks import BENCHMARKS
+    from .models import BACKBONES
+    from .strategies import METHODS
+
+    print("benchmarks:")
+    for name in BENCHMARKS.names():
+        spec = BENCHMARKS.get(name)
+        where = "offline" if spec.offline else "needs dataset_root"
+        print(f"  {name:<16} [{spec.scenario}, {where}] {spec.description}")
+    print("backbones:")
+    for name in BACKBONES.names():
+        spec = BACKBONES.get(name)
+        print(f"  {name:<16} [{'offline' if spec.offline else 'needs local weights'}] {spec.description}")
+    print("methods:")
+    for name in METHODS.names():
+        spec = METHODS.get(name)
+        tags = [spec.kind, spec.family] + ([] if spec.in_bench else ["not in bench"])
+        print(f"  {name:<16} [{', '.join(tags)}] {spec.description}")
+    return 0
+
+
+def _finish(results: list[dict], rows: list[dict], out: Path, t0: float) -> int:
+    from .runner.suite import print_table
+
+    print_table(rows)
+    print(f"{len(results)} runs; summary: {out / 'summary.csv'}, {out / 'summary.md'}; plots: {out / 'plots'}")
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import load_experiment, run_experiment
+
+    t0 = time.perf_counter()
+    config = load_experiment(args.config)
+    if args.dry_run:
+        from .runner import plan_experiment
+
+        plans = plan_experiment(config)
+        print(f"config OK: {len(plans)} runs")
+        for p in plans:
+            print(f"  {p.run_id}")
+        return 0
+    results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
+    return _finish(results, rows, Path(args.out), t0)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import run_experiment
+    from .runner.bench import bench_config
+
+    t0 = time.perf_counter()
+    config = bench_config(seeds=args.seeds, epochs=args.epochs,
+                          methods=args.methods.split(",") if args.methods else None,
+                          benchmarks=args.benchmarks.split(",") if args.benchmarks else None)
+    results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
+    return _finish(results, rows, Path(args.out), t0)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .models.pretrain import PretrainConfig, pretrained_tiny_vit
+
+    _, meta = pretrained_tiny_vit(PretrainConfig(epochs=args.epochs), cache_dir=args.cache_dir)
+    print(f"checkpoint: {meta['path']} (clean training accuracy {100 * meta['train_acc_clean']:.1f}%)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avalanche-merge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list benchmarks, backbones and methods").set_defaults(func=_cmd_list)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default="results", help="results folder (default: results/)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--keep-going", action="store_true", help="record failing runs and continue")
+
+    run = sub.add_parser("run", help="run an experiment config (JSON)")
+    run.add_argument("config", help="path of the experiment JSON")
+    run.add_argument("--dry-run", action="store_true", help="validate the config and list its runs")
+    common(run)
+    run.set_defaults(func=_cmd_run)
+
+    bench = sub.add_parser("bench", help="the quick offline suite: every bench method vs Avalanche baselines")
+    bench.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    bench.add_argument("--epochs", type=int, default=2, help="epochs per experience (default 2)")
+    bench.add_argument("--methods", help="comma-separated subset of methods")
+    bench.add_argument("--benchmarks", help="comma-separated subset of offline benchmarks")
+    common(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    pre = sub.add_parser("pretrain", help="pretrain (or find in the cache) the offline tiny_vit backbone")
+    pre.add_argument("--epochs", type=int, default=40)
+    pre.add_argument("--cache-dir", default=None)
+    pre.set_defaults(func=_cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"avalanche-merge: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed runs are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Execute one planned run with an Avalanche strategy, EvaluationPlugin and loggers; store its JSON atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluation.matrix import summarize_matrix
+from .plan import RunPlan
+
+_EXP_ACC = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that determine a run's numbers."""
+    out = {"python": platform.python_version()}
+    for dist in ("avalanche-merge", "avalanche-lib", "torch", "torchvision", "numpy", "scikit-learn", "peft",
+                 "open_clip_torch", "mlxtend"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+@contextmanager
+def peak_rss_sampler(interval: float = 0.05):
+    """Track the process's peak resident memory (MiB) while the block runs; yields a dict with ``peak_mb``."""
+    import psutil
+
+    proc = psutil.Process()
+    state = {"peak_mb": proc.memory_info().rss / 2**20}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            state["peak_mb"] = max(state["peak_mb"], proc.memory_info().rss / 2**20)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join()
+        state["peak_mb"] = max(state["peak_mb"], proc.memory_info().rss / 2**20)
+
+
+def accuracy_row(results: dict, n_experiences: int) -> list[float]:
+    """Per-experience test accuracies from the dict returned by ``strategy.eval(test_stream)``."""
+    row = [None] * n_experiences
+    for key, value in results.items():
+        m = _EXP_ACC.match(key)
+        if m:
+            row[int(m.group(1))] = float(value)
+    missing = [j for j, v in enumerate(row) if v is None]
+    if missing:
+        raise RuntimeError(f"evaluation returned no accuracy for experiences {missing}")
+    return row
+
+
+def _make_loggers(names: tuple[str, ...], run_dir: Path):
+    from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
+
+    loggers, files = [], []
+    for name in names:
+        if name == "interactive":
+            loggers.append(InteractiveLogger())
+        elif name == "text":
+            f = open(run_dir / "log.txt", "w")  # noqa: SIM115 - closed after the run
+            files.append(f)
+            loggers.append(TextLogger(f))
+        elif name == "csv":
+            loggers.append(CSVLogger(log_folder=str(run_dir / "csv")))
+        elif name == "tensorboard":
+            loggers.append(TensorboardLogger(tb_log_dir=str(run_dir / "tb")))
+    return loggers, files
+
+
+def make_evaluator(loggers: list):
+    """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, timing and RAM metrics."""
+    from avalanche.evaluation.metrics import (
+        accuracy_metrics,
+        bwt_metrics,
+        forgetting_metrics,
+        ram_usage_metrics,
+        timing_metrics,
+    )
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        bwt_metrics(experience=True, stream=True),
+        timing_metrics(epoch=True, experience=True),
+        ram_usage_metrics(every=0.5, experience=True),
+        loggers=loggers,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch through Avalanche's RNG manager."""
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    RNGManager.set_random_seeds(seed)
+    torch.manual_seed(seed)
+
+
+def _count_trained(strategy) -> int:
+    opt = getattr(strategy, "optimizer", None)
+    if opt is None:
+        return 0
+    seen = {id(p): p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad}
+    return int(sum(seen.values()))
+
+
+def execute_run(plan: RunPlan, run_dir: Path) -> dict:
+    """Train ``plan``'s method over its benchmark, evaluating the test stream after every experience.
+
+    Returns:
+        The run's result record (also what :func:`store_result` writes): accuracy matrix ``R[i][j]``, the
+        pretrained row, summary metrics, Avalanche's last metrics, config, seed, versions, timings, peak RAM
+        and the number of trained parameters.
+    """
+    from ..benchmarks import BENCHMARKS
+    from ..models import BACKBONES
+    from ..strategies import METHODS
+    from ..strategies.registry import BuildContext
+
+    wall0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(plan.seed)
+    benchmark = BENCHMARKS.get(plan.benchmark).build(plan.benchmark_options, plan.seed)
+    model = BACKBONES.get(plan.model).build(plan.model_options, benchmark, plan.seed)
+    seed_everything(plan.seed)
+    loggers, files = _make_loggers(plan.loggers, run_dir)
+    try:
+        evaluator = make_evaluator(loggers)
+        ctx = BuildContext(model=model, benchmark=benchmark, train=plan.train, evaluator=evaluator,
+                           device=torch.device(plan.device), seed=plan.seed)
+        spec = METHODS.get(plan.method)
+        strategy = spec.build(ctx, plan.method_options)
+        n = benchmark.n_experiences
+        test_stream = benchmark.test_stream
+        train_time = 0.0
+        with peak_rss_sampler() as rss:
+            pretrained_row = accuracy_row(strategy.eval(test_stream), n) if plan.eval_pretrained else None
+            matrix = []
+            if spec.trains_once:
+                t0 = time.perf_counter()
+                strategy.train(benchmark.train_stream)
+                train_time += time.perf_counter() - t0
+                last = strategy.eval(test_stream)
+                matrix.append(accuracy_row(last, n))
+            else:
+                for exp in benchmark.train_stream:
+                    t0 = time.perf_counter()
+                    strategy.train(exp)
+                    train_time += time.perf_counter() - t0
+                    last = strategy.eval(test_stream)
+                    matrix.append(accuracy_row(last, n))
+    finally:
+        for f in files:
+            f.close()
+    avalanche_metrics = {k: float(v) for k, v in last.items()
+                         if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    return {
+        "run_id": plan.run_id,
+        "status": "complete",
+        "benchmark": plan.benchmark,
+        "method": plan.method,
+        "label": plan.label,
+        "seed": plan.seed,
+        "config": plan.describe(),
+        "config_hash": plan.config_hash,
+        "experience_names": benchmark.experience_names,
+        "scenario_type": benchmark.scenario_type,
+        "accuracy_matrix": matrix,
+        "pretrained_accuracy": pretrained_row,
+        "metrics": {k: (None if math.isnan(v) else v) for k, v in summarize_matrix(matrix).items()},
+        "avalanche_metrics": avalanche_metrics,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - wall0,
+        "peak_rss_mb": rss["peak_mb"],
+        "trainable_params": _count_trained(strategy),
+        "versions": package_versions(),
+        "argv": sys.argv,
+        "benchmark_info": benchmark.info,
+    }

@@ -1,0 +1,111 @@
+"""Aggregate stored runs into ``summary.csv`` and ``summary.md``: one row per (benchmark, method).
+
+Metrics that vary over seeds get ``_mean`` and ``_std`` columns (sample standard deviation, 0 for one seed);
+values that are the same for every seed (e.g. ``trainable_params``) get one column. Accuracies are fractions in
+[0, 1] in the CSV and percentages in the markdown table.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ..evaluation.matrix import average_incremental_accuracy, final_accuracy
+
+VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
+           "peak_rss_mb")
+CONSTANT = ("trainable_params", "n_experiences")
+PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc")
+
+
+def _run_values(result: dict) -> dict:
+    m = result["metrics"]
+    pre = result.get("pretrained_accuracy")
+    return {
+        "final_acc": m["final_acc"], "avg_inc_acc": m["avg_inc_acc"], "bwt": m["bwt"],
+        "forgetting": m["forgetting"], "pretrained_acc": float(np.mean(pre)) if pre else None,
+        "train_time_s": result["train_time_s"], "wall_time_s": result["wall_time_s"],
+        "peak_rss_mb": result["peak_rss_mb"], "trainable_params": result["trainable_params"],
+        "n_experiences": len(result["accuracy_matrix"][0]),
+    }
+
+
+def _stats(values: list) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan, math.nan
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (benchmark, method label), in first-seen order, with mean/std over seeds."""
+    groups: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
+    for r in results:
+        groups.setdefault((r["benchmark"], r["label"]), []).append(r)
+    rows = []
+    for (bench, label), runs in groups.items():
+        values = [_run_values(r) for r in runs]
+        row = {"benchmark": bench, "method": label, "n_seeds": len(runs),
+               "seeds": " ".join(str(r["seed"]) for r in runs)}
+        for key in VARYING:
+            row[f"{key}_mean"], row[f"{key}_std"] = _stats([v[key] for v in values])
+        for key in CONSTANT:
+            distinct = {v[key] for v in values}
+            if len(distinct) == 1:
+                row[key] = distinct.pop()
+            else:
+                row[f"{key}_mean"], row[f"{key}_std"] = _stats([v[key] for v in values])
+        rows.append(row)
+    return rows
+
+
+def _fmt(row: dict, key: str) -> str:
+    if key in row:
+        return str(row[key])
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if math.isnan(mean):
+        return "-"
+    if key in PERCENT:
+        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """Write ``summary.csv`` and ``summary.md`` under ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    csv_path = out_dir / "summary.csv"
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    tmp.replace(csv_path)
+    md_path = out_dir / "summary.md"
+    md_path.write_text(format_table(rows))
+    return csv_path, md_path
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table (mean ± std over seeds; accuracies in %)."""
+    keys = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "peak_rss_mb",
+            "trainable_params")
+    header = ["benchmark", "method", "seeds"] + list(keys)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["benchmark"], row["method"], str(row["n_seeds"])] + [_fmt(row, k) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recompute_check(result: dict) -> dict:
+    """Final and average incremental accuracy recomputed from the stored matrix (for audits)."""
+    return {"final_acc": final_accuracy(result["accuracy_matrix"]),
+            "avg_inc_acc": average_incremental_accuracy(result["accuracy_matrix"])}

@@ -1,0 +1,26 @@
+"""Method registry, Avalanche baselines and avalanche-merge strategies.
+
+Importing this package registers every built-in method, then the methods of installed third-party packages
+that declare an ``avalanche_merge.methods`` entry point.
+"""
+
+from importlib import import_module
+from importlib.metadata import entry_points
+
+from . import baselines  # noqa: F401 - registers Avalanche's baselines
+from .registry import (
+    METHODS,
+    BuildContext,
+    MethodSpec,
+    TrainConfig,
+    get_method,
+    list_methods,
+    register_method,
+    register_plugin_method,
+)
+
+for _ep in entry_points(group="avalanche_merge.methods"):
+    import_module(_ep.value)
+
+__all__ = ["METHODS", "BuildContext", "MethodSpec", "TrainConfig", "get_method", "list_methods", "register_method",
+           "register_plugin_method"]
