@@ -1,0 +1,44 @@
+"""The avalanche-merge command line."""
+
+import json
+
+from conftest import tiny_experiment
+
+from avalanche_merge.cli import main
+from avalanche_merge.runner.bench import bench_config
+from avalanche_merge.strategies import list_methods
+
+
+def test_list_shows_benchmarks_backbones_and_every_method(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ["split_mnist", "domain_mnist", "split_cifar100", "imagenet_r", "tiny_vit"] + list_methods():
+        assert f"  {name} " in out
+
+
+def test_run_dry_run_and_config_error(tmp_path, capsys):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(tiny_experiment(["naive", "ewc"], seeds=(0, 1, 2))))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "config OK: 6 runs" in capsys.readouterr().out
+    path.write_text(json.dumps(tiny_experiment(["naive", "not_a_method"])))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "unknown method 'not_a_method'" in capsys.readouterr().err
+
+
+def test_run_writes_summary_and_prints_table(tmp_path, capsys):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(tiny_experiment(["naive"])))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| split_digits | naive | 1 |" in out
+    assert (tmp_path / "out" / "summary.md").is_file()
+
+
+def test_bench_suite_covers_every_bench_method_and_three_seeds():
+    config = bench_config()
+    assert [m.name for m in config.methods] == list_methods(bench_only=True)
+    assert {b.name for b in config.benchmarks} == {"split_mnist", "domain_mnist"}
+    assert config.seeds == [0, 1, 2]
+    required = {"naive", "joint", "cumulative", "ewc", "lwf", "replay", "si", "slda"}
+    assert required <= {m.name for m in config.methods}
