@@ -112,8 +112,6 @@ def test_optional_accepts_none_and_value():
     assert from_dict(WithOptional, {"value": 4}).value == 4
 
 
-@pytest.mark.xfail(strict=True, reason="config._type_name renders typing.Optional[int] as 'Optional' (its __name__), "
-                                       "so the message does not name the expected type int")
 def test_optional_spelling_names_inner_type_in_message():
     with pytest.raises(ConfigError, match=r"value: expected .*int"):
         from_dict(WithOptional, {"value": "x"})

@@ -110,3 +110,36 @@ def build_tiny_vit(options: TinyViTOptions, benchmark, seed: int) -> nn.Module:
 def list_backbones() -> list[str]:
     """Registered backbone names."""
     return BACKBONES.names()
+
+
+@dataclass
+class OpenCLIPOptions:
+    """Options of the ``open_clip`` backbone (Radford et al. 2021; open_clip, Ilharco et al. 2021).
+
+    Args:
+        model_name: an open_clip architecture, e.g. ``"ViT-B-16"``.
+        pretrained: path of a LOCAL checkpoint file; ``None`` builds random weights (tests only). Hub tags are
+            refused: nothing is downloaded at run time.
+        templates: prompt templates with ``{}`` for the class name (default: a few of CLIP's ImageNet prompts).
+        model_cfg: a full open_clip model config (e.g. a tiny one for tests) instead of the bundled one.
+    """
+
+    model_name: str = "ViT-B-16"
+    pretrained: str | None = None
+    templates: list[str] | None = None
+    model_cfg: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must be a non-empty open_clip architecture name")
+
+
+@register_backbone("open_clip", config_cls=OpenCLIPOptions, offline=False,
+                   description="open_clip image tower with a zero-shot head from class names (local weights)")
+def build_open_clip(options: OpenCLIPOptions, benchmark, seed: int) -> nn.Module:
+    from .clip import DEFAULT_TEMPLATES, zero_shot_classifier
+
+    torch.manual_seed(seed)
+    return zero_shot_classifier(options.model_name, benchmark.class_names,
+                                templates=tuple(options.templates or DEFAULT_TEMPLATES),
+                                pretrained=options.pretrained, model_cfg=options.model_cfg)

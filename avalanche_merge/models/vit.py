@@ -8,7 +8,7 @@ Attention uses separate ``q``, ``k`` and ``v`` linear layers (not a fused ``qkv`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +136,10 @@ class TinyViT(nn.Module):
 
     def reset_head(self, num_classes: int | None = None, *, generator: torch.Generator | None = None) -> None:
         """Replace the head by a freshly initialised linear layer (class-incremental use)."""
-        n = num_classes or self.config.num_classes
+        n = self.config.num_classes if num_classes is None else num_classes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {n!r}")
+        self.config = replace(self.config, num_classes=n)
         head = nn.Linear(self.config.dim, n)
         bound = 1.0 / self.config.dim**0.5
         with torch.no_grad():
