@@ -48,7 +48,8 @@ def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") ->
     """Mean accuracy on the experiences seen so far, and on all experiences, after each training experience.
 
     One line per method (mean over seeds, shaded +- std). Methods trained once (Joint) are drawn as a
-    horizontal dashed line at their final accuracy.
+    horizontal dashed line at their final accuracy; where the pretrained model can already classify (not
+    class-incremental), its mean accuracy before training is a dotted line.
     """
     plt = _pyplot()
     by_method: OrderedDict[str, list[dict]] = OrderedDict()
@@ -57,13 +58,15 @@ def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") ->
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     n = max(len(r["accuracy_matrix"][0]) for r in results)
     x = np.arange(1, n + 1)
+    pretrained = [np.mean(r["pretrained_accuracy"]) for r in results if r.get("pretrained_accuracy")]
+    if pretrained and all(r["scenario_type"] != "class_incremental" for r in results):
+        axes[1].axhline(100 * np.mean(pretrained), ls=":", lw=1.2, color="black", label="pretrained (no training)")
     for label, runs in by_method.items():
         mats = [np.asarray(r["accuracy_matrix"], dtype=float) for r in runs]
         if mats[0].shape[0] == 1:
             final = 100 * np.mean([m.mean() for m in mats])
             for ax in axes:
-                ax.axhline(final, ls="--", lw=1, color="gray")
-                ax.text(n, final, f" {label}", va="center", fontsize=7, color="gray")
+                ax.axhline(final, ls="--", lw=1, color="gray", label=f"{label} (trained once)")
             continue
         seen = 100 * np.array([accuracy_seen_so_far(m) for m in mats])
         overall = 100 * np.array([m.mean(axis=1) for m in mats])

@@ -38,6 +38,9 @@ def build_cumulative(ctx: BuildContext, cfg):
 class EWCConfig:
     """Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017).
 
+    Default ``ewc_lambda`` from a coarse sweep (1e2, 1e3, 1e4) on ``domain_mnist`` seed 0 (final accuracy 56.8,
+    60.9, 51.8%; Naive 51.8%).
+
     Args:
         ewc_lambda: weight of the quadratic penalty, >= 0.
         mode: ``"separate"`` keeps one Fisher per experience, ``"online"`` a decayed running one.
@@ -119,12 +122,16 @@ def build_replay(ctx: BuildContext, cfg: ReplayConfig):
 class SIConfig:
     """Synaptic Intelligence (Zenke et al., ICML 2017).
 
+    Avalanche clamps the per-parameter importances at 1e-3, so the penalty weight must be large to matter. The
+    default was chosen by a coarse sweep (1, 1e2, 1e4) on ``domain_mnist`` seed 0 (final accuracy 51.7, 54.6,
+    57.6%; Naive 51.8%).
+
     Args:
         si_lambda: weight of the surrogate-loss penalty, >= 0.
         eps: damping of the importance normaliser, > 0.
     """
 
-    si_lambda: float = 1.0
+    si_lambda: float = 1e4
     eps: float = 1e-7
 
     def __post_init__(self) -> None:
@@ -135,6 +142,10 @@ class SIConfig:
 @register_method("si", config_cls=SIConfig, description="Synaptic Intelligence (Zenke et al. 2017)")
 def build_si(ctx: BuildContext, cfg: SIConfig):
     from avalanche.training import SynapticIntelligence
+
+    from .fixes import fix_si_weight_aliasing
+
+    fix_si_weight_aliasing()  # without it SI is a no-op on CPU in Avalanche 0.6.0
 
     return SynapticIntelligence(model=ctx.model, optimizer=ctx.optimizer(), si_lambda=cfg.si_lambda, eps=cfg.eps,
                                 **ctx.strategy_kwargs())
