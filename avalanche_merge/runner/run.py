@@ -181,7 +181,9 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         test_stream = benchmark.test_stream
         train_time = 0.0
         with peak_rss_sampler() as rss:
-            pretrained_row = accuracy_row(strategy.eval(test_stream), n) if plan.eval_pretrained else None
+            pretrained_row = None
+            if plan.eval_pretrained and spec.pretrained_eval:
+                pretrained_row = accuracy_row(strategy.eval(test_stream), n)
             matrix = []
             if spec.trains_once:
                 t0 = time.perf_counter()

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.matrix import average_incremental_accuracy, final_accuracy
-
 VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
            "peak_rss_mb")
 CONSTANT = ("trainable_params", "n_experiences")
@@ -104,8 +102,3 @@ def format_table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def recompute_check(result: dict) -> dict:
-    """Final and average incremental accuracy recomputed from the stored matrix (for audits)."""
-    return {"final_acc": final_accuracy(result["accuracy_matrix"]),
-            "avg_inc_acc": average_incremental_accuracy(result["accuracy_matrix"])}

@@ -129,6 +129,8 @@ class MethodSpec:
         trains_once: the method trains a single time on the whole train stream (Joint); its accuracy matrix has
             one row.
         in_bench: include the method in ``avalanche-merge bench``.
+        pretrained_eval: evaluating the strategy before training measures the pretrained model (False for
+            methods whose predictor only exists after training, e.g. SLDA's class means).
     """
 
     name: str
@@ -141,6 +143,7 @@ class MethodSpec:
     needs_task_labels: bool = False
     trains_once: bool = False
     in_bench: bool = True
+    pretrained_eval: bool = True
 
     def check_compatible(self, benchmark_name: str, scenario_type: str) -> None:
         """Raise ``ValueError`` if the method cannot run on a benchmark of ``scenario_type``."""
@@ -162,7 +165,8 @@ class NoOptions:
 
 def register_method(name: str, *, config_cls: type = NoOptions, description: str, kind: str = "strategy",
                     family: str = "baseline", scenarios: tuple[str, ...] = SCENARIO_TYPES,
-                    needs_task_labels: bool = False, trains_once: bool = False, in_bench: bool = True) -> Callable:
+                    needs_task_labels: bool = False, trains_once: bool = False, in_bench: bool = True,
+                    pretrained_eval: bool = True) -> Callable:
     """Decorator registering ``build(ctx, config) -> SupervisedTemplate`` as method ``name``."""
     if kind not in ("strategy", "plugin"):
         raise ValueError(f"kind must be 'strategy' or 'plugin', got {kind!r}")
@@ -172,7 +176,7 @@ def register_method(name: str, *, config_cls: type = NoOptions, description: str
 
     def decorator(build: Callable) -> Callable:
         METHODS.add(name, MethodSpec(name, build, config_cls, description, kind, family, tuple(scenarios),
-                                     needs_task_labels, trains_once, in_bench))
+                                     needs_task_labels, trains_once, in_bench, pretrained_eval))
         return build
 
     return decorator

@@ -25,12 +25,16 @@ def test_method_runs_on_tiny_benchmark(method, tmp_path):
     R = np.asarray(result["accuracy_matrix"])
     assert R.shape == ((1, 2) if spec.trains_once else (2, 2))
     assert np.all((R >= 0) & (R <= 1))
-    assert len(result["pretrained_accuracy"]) == 2
+    if spec.pretrained_eval:
+        assert len(result["pretrained_accuracy"]) == 2
+    else:
+        assert result["pretrained_accuracy"] is None
     assert math.isclose(result["metrics"]["final_acc"], R[-1].mean())
-    # after the last experience the method must do better than chance on what it has just learned
-    # the method must have learned something: with a fresh head the untrained model is at chance (~0.1)
-    pre = max(result["pretrained_accuracy"])
-    assert R[-1].max() > max(0.25, pre + 0.1), f"{method} learned nothing: {R.tolist()} (before: {pre})"
+    # the method must learn: right after training on an experience (the diagonal) it must beat the untrained
+    # model, which with a fresh head is at chance (~0.1)
+    learned = R[0].max() if spec.trains_once else np.diag(R).max()
+    pre = max(result["pretrained_accuracy"] or [0.0])
+    assert learned > max(0.25, pre + 0.1), f"{method} learned nothing: {R.tolist()} (before: {pre})"
     assert result["trainable_params"] >= 0
     assert result["train_time_s"] > 0 and result["peak_rss_mb"] > 0
 
