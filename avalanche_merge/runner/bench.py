@@ -7,6 +7,7 @@ without editing this file.
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..strategies.registry import TrainConfig
 from .plan import BenchmarkEntry, ExperimentConfig, MethodEntry
 
 BENCH_BENCHMARKS = {
@@ -41,11 +42,5 @@ def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks
                                    train=dict(BENCH_BENCHMARKS[b]["train"])) for b in names],
         methods=[MethodEntry(name=m) for m in chosen],
         seeds=list(range(seeds)),
-        train=_train(epochs),
+        train=TrainConfig(epochs=epochs),
     )
-
-
-def _train(epochs: int):
-    from ..strategies.registry import TrainConfig
-
-    return TrainConfig(epochs=epochs)

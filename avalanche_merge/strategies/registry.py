@@ -13,6 +13,7 @@ checked against the benchmark before any training starts.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -188,8 +189,7 @@ def register_plugin_method(name: str, *, make_plugin: Callable[[BuildContext, An
 
     def build(ctx: BuildContext, cfg: Any):
         base_spec = METHODS.get(base)
-        plugged = BuildContext(ctx.model, ctx.benchmark, ctx.train, ctx.evaluator,
-                               list(ctx.plugins) + [make_plugin(ctx, cfg)], ctx.device, ctx.seed)
+        plugged = dataclasses.replace(ctx, plugins=list(ctx.plugins) + [make_plugin(ctx, cfg)])
         return base_spec.build(plugged, base_spec.config_cls())
 
     register_method(name, config_cls=config_cls, description=description, kind="plugin", **capabilities)(build)
