@@ -1,0 +1,166 @@
+"""Offline merges: many task vectors in, one merged task vector out.
+
+Every function takes a list of :class:`TaskVector` with identical keys and shapes and returns a TaskVector;
+apply it to the pretrained weights with ``merged.apply_to(pretrained, scaling=lam)``. Per-task ``weights``
+multiply each task vector before combining (as ``peft.utils.merge_utils``).
+
+- :func:`average`: weight averaging (model soups, Wortsman et al., ICML 2022).
+- :func:`task_arithmetic`: weighted sum (Ilharco et al., ICLR 2023).
+- :func:`ties`: trim, elect sign, disjoint mean (Yadav et al., "TIES-Merging", NeurIPS 2023).
+- :func:`dare`: drop-and-rescale, then task arithmetic or TIES (Yu et al., "Language Models are Super Mario",
+  ICML 2024).
+- :func:`breadcrumbs`: drop both the largest-magnitude outliers and the smallest entries of each tensor, then
+  sum (Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024).
+- :func:`magmax`: per entry, the value of largest magnitude across tasks (Marczak et al., "MagMax", ECCV 2024).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .steps import (
+    agreement,
+    check_density,
+    disjoint_mean,
+    drop_and_rescale,
+    elect_sign,
+    global_magnitude_threshold,
+    trim,
+)
+from .task_vector import TaskVector, check_task_vectors
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"got {len(w)} weights for {n} task vectors")
+    return w
+
+
+def _stack(tvs: list[TaskVector], name: str) -> torch.Tensor:
+    return torch.stack([tv[name] for tv in tvs])
+
+
+def _weighted(stacked: torch.Tensor, w: list[float]) -> torch.Tensor:
+    return stacked * torch.tensor(w, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
+
+
+def task_arithmetic(task_vectors: Sequence[TaskVector], weights: Sequence[float] | None = None) -> TaskVector:
+    """``sum_t w_t tau_t``."""
+    tvs = check_task_vectors(task_vectors)
+    w = _weights(weights, len(tvs))
+    return TaskVector({k: _weighted(_stack(tvs, k), w).sum(0) for k in tvs[0].keys()})
+
+
+def average(task_vectors: Sequence[TaskVector]) -> TaskVector:
+    """``mean_t tau_t``; applied with scaling 1 it gives the weight average of the fine-tuned models."""
+    tvs = check_task_vectors(task_vectors)
+    return task_arithmetic(tvs, [1.0 / len(tvs)] * len(tvs))
+
+
+def _trimmed(tvs: list[TaskVector], density: float, trim_scope: str) -> list[TaskVector]:
+    if trim_scope == "tensor":
+        return [tv.map(lambda _, v: trim(v, density)) for tv in tvs]
+    if trim_scope == "model":
+        out = []
+        for tv in tvs:
+            thr = global_magnitude_threshold([v for _, v in tv.items()], density)
+            out.append(tv.map(lambda _, v, thr=thr: v * (v.abs() >= thr)))
+        return out
+    raise ValueError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
+
+
+def _ties_combine(tvs: list[TaskVector], w: list[float], sign_method: str) -> TaskVector:
+    merged = {}
+    for k in tvs[0].keys():
+        stacked = _stack(tvs, k)
+        agree = agreement(stacked, elect_sign(stacked, sign_method))
+        merged[k] = disjoint_mean(_weighted(stacked, w), agree)
+    return TaskVector(merged)
+
+
+def ties(task_vectors: Sequence[TaskVector], *, density: float = 0.2, sign_method: str = "total",
+         trim_scope: str = "tensor", weights: Sequence[float] | None = None) -> TaskVector:
+    """TIES-Merging.
+
+    Args:
+        task_vectors: the task vectors.
+        density: fraction of entries kept by the magnitude trim, in (0, 1].
+        sign_method: ``"total"`` (sign of the summed values, the paper's) or ``"frequency"`` (majority count).
+        trim_scope: ``"tensor"`` keeps the top fraction of each tensor (as peft); ``"model"`` of the whole task
+            vector (as the paper's reference code).
+        weights: per-task weights applied after the sign election (as peft).
+    """
+    tvs = check_task_vectors(task_vectors)
+    check_density(density)
+    return _ties_combine(_trimmed(tvs, density, trim_scope), _weights(weights, len(tvs)), sign_method)
+
+
+def dare(task_vectors: Sequence[TaskVector], *, density: float = 0.5, combine: str = "task_arithmetic",
+         sign_method: str = "total", weights: Sequence[float] | None = None, seed: int = 0,
+         masks: Sequence[dict[str, torch.Tensor]] | None = None) -> TaskVector:
+    """DARE: drop each entry with probability ``1 - density`` and rescale by ``1 / density``, then combine.
+
+    Args:
+        task_vectors: the task vectors.
+        density: keep probability in (0, 1].
+        combine: ``"task_arithmetic"`` (DARE-linear) or ``"ties"`` (DARE-TIES: sign election and disjoint mean
+            on the rescaled vectors, no further trimming).
+        sign_method: TIES sign election method for ``combine="ties"``.
+        weights: per-task weights.
+        seed: seed of the Bernoulli masks (one generator for the whole merge; deterministic).
+        masks: explicit keep masks, one ``{name: bool tensor}`` per task vector (overrides ``seed``).
+    """
+    tvs = check_task_vectors(task_vectors)
+    check_density(density)
+    if combine not in ("task_arithmetic", "ties"):
+        raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
+    if masks is not None and len(masks) != len(tvs):
+        raise ValueError(f"got {len(masks)} masks for {len(tvs)} task vectors")
+    g = torch.Generator().manual_seed(seed)
+    dropped = []
+    for i, tv in enumerate(tvs):
+        dropped.append(tv.map(lambda k, v, i=i: drop_and_rescale(
+            v, density, mask=None if masks is None else masks[i][k], generator=g)))
+    w = _weights(weights, len(tvs))
+    return task_arithmetic(dropped, w) if combine == "task_arithmetic" else _ties_combine(dropped, w, sign_method)
+
+
+def breadcrumbs(task_vectors: Sequence[TaskVector], *, top_drop: float = 0.01, bottom_drop: float = 0.85,
+                weights: Sequence[float] | None = None) -> TaskVector:
+    """Model Breadcrumbs: in each tensor drop the ``top_drop`` fraction of largest magnitudes (outliers) and the
+    ``bottom_drop`` fraction of smallest, then take the weighted sum.
+
+    Raises:
+        ValueError: fractions outside [0, 1) or summing to 1 or more (nothing would be kept).
+    """
+    for name, value in (("top_drop", top_drop), ("bottom_drop", bottom_drop)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if top_drop + bottom_drop >= 1.0:
+        raise ValueError(f"top_drop + bottom_drop must be < 1, got {top_drop} + {bottom_drop}")
+    tvs = check_task_vectors(task_vectors)
+
+    def crumbs(_, v: torch.Tensor) -> torch.Tensor:
+        n = v.numel()
+        order = v.abs().reshape(-1).argsort()  # ascending magnitude
+        keep = torch.zeros(n, dtype=torch.bool, device=v.device)
+        keep[order[int(bottom_drop * n): n - int(top_drop * n)]] = True
+        return v * keep.view_as(v)
+
+    return task_arithmetic([tv.map(crumbs) for tv in tvs], weights)
+
+
+def magmax(task_vectors: Sequence[TaskVector]) -> TaskVector:
+    """MagMax: for every entry, the task-vector value of largest magnitude (first task wins exact ties)."""
+    tvs = check_task_vectors(task_vectors)
+    merged = {}
+    for k in tvs[0].keys():
+        stacked = _stack(tvs, k)
+        idx = stacked.abs().argmax(dim=0, keepdim=True)
+        merged[k] = stacked.gather(0, idx).squeeze(0)
+    return TaskVector(merged)
