@@ -53,7 +53,7 @@ def task_arithmetic(task_vectors: Sequence[TaskVector], weights: Sequence[float]
     """``sum_t w_t tau_t``."""
     tvs = check_task_vectors(task_vectors)
     w = _weights(weights, len(tvs))
-    return TaskVector({k: _weighted(_stack(tvs, k), w).sum(0) for k in tvs[0].keys()})
+    return TaskVector({k: _weighted(_stack(tvs, k), w).sum(0) for k in tvs[0]})
 
 
 def average(task_vectors: Sequence[TaskVector]) -> TaskVector:
@@ -76,7 +76,7 @@ def _trimmed(tvs: list[TaskVector], density: float, trim_scope: str) -> list[Tas
 
 def _ties_combine(tvs: list[TaskVector], w: list[float], sign_method: str) -> TaskVector:
     merged = {}
-    for k in tvs[0].keys():
+    for k in tvs[0]:
         stacked = _stack(tvs, k)
         agree = agreement(stacked, elect_sign(stacked, sign_method))
         merged[k] = disjoint_mean(_weighted(stacked, w), agree)
@@ -159,7 +159,7 @@ def magmax(task_vectors: Sequence[TaskVector]) -> TaskVector:
     """MagMax: for every entry, the task-vector value of largest magnitude (first task wins exact ties)."""
     tvs = check_task_vectors(task_vectors)
     merged = {}
-    for k in tvs[0].keys():
+    for k in tvs[0]:
         stacked = _stack(tvs, k)
         idx = stacked.abs().argmax(dim=0, keepdim=True)
         merged[k] = stacked.gather(0, idx).squeeze(0)

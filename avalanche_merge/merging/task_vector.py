@@ -97,6 +97,9 @@ class TaskVector:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._v[name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._v)
+
     def __contains__(self, name: object) -> bool:
         return name in self._v
 
