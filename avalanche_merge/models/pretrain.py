@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..benchmarks.data import PARTITION_SEED, PRETRAIN_PER_CLASS, mnist_pretrain_pool
 from .vit import TinyViT, TinyViTConfig
 
@@ -156,17 +156,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, metadata: dict) ->
     """Atomically write ``model``'s state dict and JSON ``metadata`` as safetensors."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"avalanche_merge": json.dumps(metadata, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"avalanche_merge": json.dumps(metadata, sort_keys=True)})
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

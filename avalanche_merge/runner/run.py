@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import re
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..evaluation.matrix import summarize_matrix
 from .plan import RunPlan
 
@@ -26,15 +25,8 @@ _EXP_ACC = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
 
 
 def _json_default(obj):

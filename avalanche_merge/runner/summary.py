@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
+
 VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
            "peak_rss_mb")
 CONSTANT = ("trainable_params", "n_experiences")
@@ -79,15 +81,14 @@ def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     for row in rows:
         columns += [c for c in row if c not in columns]
     csv_path = out_dir / "summary.csv"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    tmp.replace(csv_path)
     md_path = out_dir / "summary.md"
-    md_path.write_text(format_table(rows))
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(format_table(rows))
     return csv_path, md_path
 
 
