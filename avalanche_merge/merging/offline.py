@@ -16,6 +16,7 @@ multiply each task vector before combining (as ``peft.utils.merge_utils``).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -49,11 +50,19 @@ def _weighted(stacked: torch.Tensor, w: list[float]) -> torch.Tensor:
     return stacked * torch.tensor(w, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
 
 
+def weighted_sum(tensors: Sequence[torch.Tensor], w: Sequence[float]) -> torch.Tensor:
+    """``sum_t w_t x_t`` accumulated in place: each input is read once and no ``(T, ...)`` stack is built."""
+    out = tensors[0] * w[0]
+    for x, wt in zip(tensors[1:], w[1:]):
+        out.add_(x, alpha=wt)
+    return out
+
+
 def task_arithmetic(task_vectors: Sequence[TaskVector], weights: Sequence[float] | None = None) -> TaskVector:
     """``sum_t w_t tau_t``."""
     tvs = check_task_vectors(task_vectors)
     w = _weights(weights, len(tvs))
-    return TaskVector({k: _weighted(_stack(tvs, k), w).sum(0) for k in tvs[0]})
+    return TaskVector._trusted({k: weighted_sum([tv[k] for tv in tvs], w) for k in tvs[0]})
 
 
 def average(task_vectors: Sequence[TaskVector]) -> TaskVector:
@@ -74,17 +83,20 @@ def _trimmed(tvs: list[TaskVector], density: float, trim_scope: str) -> list[Tas
     raise ValueError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
 
 
-def _ties_combine(tvs: list[TaskVector], w: list[float], sign_method: str) -> TaskVector:
+def _ties_combine(tvs: list[TaskVector], w: list[float], sign_method: str, merge_func: str = "mean") -> TaskVector:
+    if merge_func not in ("mean", "sum"):
+        raise ValueError(f"merge_func must be 'mean' or 'sum', got {merge_func!r}")
     merged = {}
     for k in tvs[0]:
         stacked = _stack(tvs, k)
         agree = agreement(stacked, elect_sign(stacked, sign_method))
-        merged[k] = disjoint_mean(_weighted(stacked, w), agree)
-    return TaskVector(merged)
+        values = _weighted(stacked, w)
+        merged[k] = disjoint_mean(values, agree) if merge_func == "mean" else (values * agree).sum(dim=0)
+    return TaskVector._trusted(merged)
 
 
 def ties(task_vectors: Sequence[TaskVector], *, density: float = 0.2, sign_method: str = "total",
-         trim_scope: str = "tensor", weights: Sequence[float] | None = None) -> TaskVector:
+         trim_scope: str = "tensor", weights: Sequence[float] | None = None, merge_func: str = "mean") -> TaskVector:
     """TIES-Merging.
 
     Args:
@@ -94,10 +106,12 @@ def ties(task_vectors: Sequence[TaskVector], *, density: float = 0.2, sign_metho
         trim_scope: ``"tensor"`` keeps the top fraction of each tensor (as peft); ``"model"`` of the whole task
             vector (as the paper's reference code).
         weights: per-task weights applied after the sign election (as peft).
+        merge_func: ``"mean"`` (the paper's disjoint mean) or ``"sum"`` (disjoint sum, as FusionBench's continual
+            TIES baseline).
     """
     tvs = check_task_vectors(task_vectors)
     check_density(density)
-    return _ties_combine(_trimmed(tvs, density, trim_scope), _weights(weights, len(tvs)), sign_method)
+    return _ties_combine(_trimmed(tvs, density, trim_scope), _weights(weights, len(tvs)), sign_method, merge_func)
 
 
 def dare(task_vectors: Sequence[TaskVector], *, density: float = 0.5, combine: str = "task_arithmetic",
@@ -112,7 +126,8 @@ def dare(task_vectors: Sequence[TaskVector], *, density: float = 0.5, combine: s
             on the rescaled vectors, no further trimming).
         sign_method: TIES sign election method for ``combine="ties"``.
         weights: per-task weights.
-        seed: seed of the Bernoulli masks (one generator for the whole merge; deterministic).
+        seed: seed of the Bernoulli masks. Each (task, parameter) pair draws from its own generator seeded from
+            ``seed``, the task index and the parameter name, so a streaming merge gives the same result.
         masks: explicit keep masks, one ``{name: bool tensor}`` per task vector (overrides ``seed``).
     """
     tvs = check_task_vectors(task_vectors)
@@ -121,13 +136,17 @@ def dare(task_vectors: Sequence[TaskVector], *, density: float = 0.5, combine: s
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
     if masks is not None and len(masks) != len(tvs):
         raise ValueError(f"got {len(masks)} masks for {len(tvs)} task vectors")
-    g = torch.Generator().manual_seed(seed)
     dropped = []
     for i, tv in enumerate(tvs):
         dropped.append(tv.map(lambda k, v, i=i: drop_and_rescale(
-            v, density, mask=None if masks is None else masks[i][k], generator=g)))
+            v, density, mask=None if masks is None else masks[i][k], generator=_generator(seed, i, k, v.device))))
     w = _weights(weights, len(tvs))
     return task_arithmetic(dropped, w) if combine == "task_arithmetic" else _ties_combine(dropped, w, sign_method)
+
+
+def _generator(seed: int, task: int, name: str, device: torch.device) -> torch.Generator:
+    key = (int(seed) * 1_000_003 + task * 7_919 + zlib.crc32(name.encode())) % (2**63)
+    return torch.Generator(device=device).manual_seed(key)
 
 
 def breadcrumbs(task_vectors: Sequence[TaskVector], *, top_drop: float = 0.01, bottom_drop: float = 0.85,
@@ -160,7 +179,13 @@ def magmax(task_vectors: Sequence[TaskVector]) -> TaskVector:
     tvs = check_task_vectors(task_vectors)
     merged = {}
     for k in tvs[0]:
-        stacked = _stack(tvs, k)
-        idx = stacked.abs().argmax(dim=0, keepdim=True)
-        merged[k] = stacked.gather(0, idx).squeeze(0)
-    return TaskVector(merged)
+        out = tvs[0][k].clone()
+        for tv in tvs[1:]:
+            magmax_update_(out, tv[k])
+        merged[k] = out
+    return TaskVector._trusted(merged)
+
+
+def magmax_update_(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """In place: replace the entries of ``running`` whose magnitude ``new`` strictly exceeds."""
+    return running.copy_(torch.where(new.abs() > running.abs(), new, running))

@@ -11,7 +11,7 @@ device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,7 +85,14 @@ class TaskVector:
 
     @classmethod
     def zeros_like(cls, other: TaskVector) -> TaskVector:
-        return cls({k: torch.zeros_like(v) for k, v in other.items()})
+        return cls._trusted({k: torch.zeros_like(v) for k, v in other.items()})
+
+    @classmethod
+    def _trusted(cls, vector: dict[str, torch.Tensor]) -> TaskVector:
+        """Wrap fp32 tensors computed from validated task vectors without another validation pass."""
+        tv = cls.__new__(cls)
+        tv._v = vector
+        return tv
 
     # mapping protocol ------------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -121,6 +128,18 @@ class TaskVector:
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TaskVector:
         """A new task vector with ``fn(name, tensor)`` applied to every entry."""
         return TaskVector({k: fn(k, v) for k, v in self._v.items()})
+
+    def select(self, names: Iterable[str]) -> TaskVector:
+        """A task vector holding only ``names`` (in this vector's key order).
+
+        Raises:
+            KeyError: a name is not in the task vector.
+        """
+        wanted = set(names)
+        unknown = wanted - set(self._v)
+        if unknown:
+            raise KeyError(f"parameter {sorted(unknown)[0]!r} is not in the task vector")
+        return TaskVector._trusted({k: v for k, v in self._v.items() if k in wanted})
 
     def __add__(self, other: TaskVector) -> TaskVector:
         self._check_compatible(other)
