@@ -7,8 +7,10 @@ that declare an ``avalanche_merge.methods`` entry point.
 from importlib import import_module
 from importlib.metadata import entry_points
 
-from . import baselines  # noqa: F401 - registers Avalanche's baselines
-from . import merging  # noqa: F401 - registers the merging methods
+from . import (
+    baselines,  # noqa: F401 - registers Avalanche's baselines
+    merging,  # noqa: F401 - registers the merging methods
+)
 from .merging import ContinualMerging
 from .registry import (
     METHODS,
@@ -24,5 +26,5 @@ from .registry import (
 for _ep in entry_points(group="avalanche_merge.methods"):
     import_module(_ep.value)
 
-__all__ = ["METHODS", "ContinualMerging", "BuildContext", "MethodSpec", "TrainConfig", "get_method", "list_methods", "register_method",
-           "register_plugin_method"]
+__all__ = ["METHODS", "BuildContext", "ContinualMerging", "MethodSpec", "TrainConfig", "get_method", "list_methods",
+           "register_method", "register_plugin_method"]

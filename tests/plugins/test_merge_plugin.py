@@ -47,8 +47,8 @@ def _run(bench, merge, strategy_cls=Naive, seed=0, **kw):
     pre = {k: v.clone() for k, v in model.state_dict().items()}
     finetuned, started = Probe(), Probe()  # before / after the merge plugin in hook order
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy = strategy_cls(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=2, eval_mb_size=64,
-                            plugins=[finetuned, merge, started], **kw)
+    strategy = strategy_cls(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=16,
+                            train_epochs=2, eval_mb_size=64, plugins=[finetuned, merge, started], **kw)
     params = [id(p) for p in model.parameters()]
     for exp in bench.scenario.train_stream:
         strategy.train(exp)
