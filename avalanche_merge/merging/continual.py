@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..config import check_range
-from .offline import _ties_combine, _trimmed, magmax_update_
+from .offline import _ties_merge, _trimmer, magmax_update_
 from .steps import check_density
 from .task_vector import TaskVector
 
@@ -101,7 +101,7 @@ class ContinualAverage(ContinualMerger):
         if self._mean is None:
             self._mean = task_vector * 1.0
         else:
-            self._mean = self._mean.map(lambda k, v: v + (task_vector[k] - v) / (n + 1))
+            self._mean = self._mean + (task_vector - self._mean) * (1.0 / (n + 1))
 
     @property
     def merged(self) -> TaskVector:
@@ -142,8 +142,9 @@ class ContinualTIES(ContinualMerger):
         if self._merged is None:
             self._merged = task_vector * self.scaling
             return
-        pair = _trimmed([self._merged, task_vector], self.density, self.trim_scope)
-        step = _ties_combine(pair, [1.0, 1.0], self.sign_method, self.merge_func)
+        pair = [self._merged, task_vector]
+        step = _ties_merge(pair, [1.0, 1.0], self.sign_method, self.merge_func,
+                           _trimmer(pair, self.density, self.trim_scope))
         self._merged = self._merged + step * self.scaling
 
     @property

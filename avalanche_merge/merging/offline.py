@@ -42,10 +42,6 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return w
 
 
-def _stack(tvs: list[TaskVector], name: str) -> torch.Tensor:
-    return torch.stack([tv[name] for tv in tvs])
-
-
 def _weighted(stacked: torch.Tensor, w: list[float]) -> torch.Tensor:
     return stacked * torch.tensor(w, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
 
@@ -71,27 +67,29 @@ def average(task_vectors: Sequence[TaskVector]) -> TaskVector:
     return task_arithmetic(tvs, [1.0 / len(tvs)] * len(tvs))
 
 
-def _trimmed(tvs: list[TaskVector], density: float, trim_scope: str) -> list[TaskVector]:
+def _trimmer(tvs: list[TaskVector], density: float, trim_scope: str) -> list:
+    """One ``trim(tensor) -> tensor`` per task vector; model-wide thresholds are computed once, up front."""
     if trim_scope == "tensor":
-        return [tv.map(lambda _, v: trim(v, density)) for tv in tvs]
+        return [lambda v: trim(v, density)] * len(tvs)
     if trim_scope == "model":
-        out = []
-        for tv in tvs:
-            thr = global_magnitude_threshold([v for _, v in tv.items()], density)
-            out.append(tv.map(lambda _, v, thr=thr: v * (v.abs() >= thr)))
-        return out
+        thresholds = [global_magnitude_threshold([v for _, v in tv.items()], density) for tv in tvs]
+        return [lambda v, thr=thr: v * (v.abs() >= thr) for thr in thresholds]
     raise ValueError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
 
 
-def _ties_combine(tvs: list[TaskVector], w: list[float], sign_method: str, merge_func: str = "mean") -> TaskVector:
+def _ties_merge(tvs: list[TaskVector], w: list[float], sign_method: str, merge_func: str = "mean",
+                trims: list | None = None) -> TaskVector:
+    """Trim (optional), elect sign, disjoint mean or sum; one parameter at a time (memory: T tensors of one
+    parameter, never T trimmed copies of the model)."""
     if merge_func not in ("mean", "sum"):
         raise ValueError(f"merge_func must be 'mean' or 'sum', got {merge_func!r}")
     merged = {}
     for k in tvs[0]:
-        stacked = _stack(tvs, k)
+        stacked = torch.stack([tv[k] if trims is None else trims[i](tv[k]) for i, tv in enumerate(tvs)])
         agree = agreement(stacked, elect_sign(stacked, sign_method))
-        values = _weighted(stacked, w)
+        values = _weighted(stacked, w) if any(x != 1.0 for x in w) else stacked
         merged[k] = disjoint_mean(values, agree) if merge_func == "mean" else (values * agree).sum(dim=0)
+        del stacked, agree, values
     return TaskVector._trusted(merged)
 
 
@@ -111,7 +109,7 @@ def ties(task_vectors: Sequence[TaskVector], *, density: float = 0.2, sign_metho
     """
     tvs = check_task_vectors(task_vectors)
     check_density(density)
-    return _ties_combine(_trimmed(tvs, density, trim_scope), _weights(weights, len(tvs)), sign_method, merge_func)
+    return _ties_merge(tvs, _weights(weights, len(tvs)), sign_method, merge_func, _trimmer(tvs, density, trim_scope))
 
 
 def dare(task_vectors: Sequence[TaskVector], *, density: float = 0.5, combine: str = "task_arithmetic",
@@ -138,10 +136,11 @@ def dare(task_vectors: Sequence[TaskVector], *, density: float = 0.5, combine: s
         raise ValueError(f"got {len(masks)} masks for {len(tvs)} task vectors")
     dropped = []
     for i, tv in enumerate(tvs):
-        dropped.append(tv.map(lambda k, v, i=i: drop_and_rescale(
-            v, density, mask=None if masks is None else masks[i][k], generator=_generator(seed, i, k, v.device))))
+        dropped.append(TaskVector._trusted({k: drop_and_rescale(
+            v, density, mask=None if masks is None else masks[i][k], generator=_generator(seed, i, k, v.device))
+            for k, v in tv.items()}))
     w = _weights(weights, len(tvs))
-    return task_arithmetic(dropped, w) if combine == "task_arithmetic" else _ties_combine(dropped, w, sign_method)
+    return task_arithmetic(dropped, w) if combine == "task_arithmetic" else _ties_merge(dropped, w, sign_method)
 
 
 def _generator(seed: int, task: int, name: str, device: torch.device) -> torch.Generator:
@@ -165,13 +164,17 @@ def breadcrumbs(task_vectors: Sequence[TaskVector], *, top_drop: float = 0.01, b
     tvs = check_task_vectors(task_vectors)
 
     def crumbs(_, v: torch.Tensor) -> torch.Tensor:
-        n = v.numel()
-        order = v.abs().reshape(-1).argsort()  # ascending magnitude
-        keep = torch.zeros(n, dtype=torch.bool, device=v.device)
-        keep[order[int(bottom_drop * n): n - int(top_drop * n)]] = True
-        return v * keep.view_as(v)
+        n, mag = v.numel(), v.abs()
+        flat = mag.reshape(-1)
+        keep = torch.ones_like(mag, dtype=torch.bool)
+        low, high = int(bottom_drop * n), int(top_drop * n)  # entries dropped at each end (selection, no sort)
+        if low:
+            keep &= mag > torch.kthvalue(flat, low).values
+        if high:
+            keep &= mag < torch.kthvalue(flat, n - high + 1).values
+        return v * keep
 
-    return task_arithmetic([tv.map(crumbs) for tv in tvs], weights)
+    return task_arithmetic([TaskVector._trusted({k: crumbs(k, v) for k, v in tv.items()}) for tv in tvs], weights)
 
 
 def magmax(task_vectors: Sequence[TaskVector]) -> TaskVector:
@@ -180,12 +183,27 @@ def magmax(task_vectors: Sequence[TaskVector]) -> TaskVector:
     merged = {}
     for k in tvs[0]:
         out = tvs[0][k].clone()
-        for tv in tvs[1:]:
-            magmax_update_(out, tv[k])
+        flat = out.view(-1)
+        for start in range(0, flat.numel(), _CHUNK):  # chunks stay in cache across the T task vectors
+            chunk = flat[start:start + _CHUNK]
+            best, best_abs = chunk, chunk.abs()
+            for tv in tvs[1:]:
+                cand = tv[k].reshape(-1)[start:start + _CHUNK]
+                cand_abs = cand.abs()
+                wins = cand_abs > best_abs
+                best, best_abs = torch.where(wins, cand, best), torch.where(wins, cand_abs, best_abs)
+            chunk.copy_(best)
         merged[k] = out
     return TaskVector._trusted(merged)
 
 
+_CHUNK = 1 << 18  # 1 MiB of fp32: fits in L2 with its temporaries
+
+
 def magmax_update_(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """In place: replace the entries of ``running`` whose magnitude ``new`` strictly exceeds."""
-    return running.copy_(torch.where(new.abs() > running.abs(), new, running))
+    """In place: replace the entries of ``running`` whose magnitude ``new`` strictly exceeds (chunked)."""
+    flat, cand_all = running.view(-1), new.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk, cand = flat[start:start + _CHUNK], cand_all[start:start + _CHUNK]
+        chunk.copy_(torch.where(cand.abs() > chunk.abs(), cand, chunk))
+    return running

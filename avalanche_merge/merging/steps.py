@@ -1,7 +1,9 @@
 """The small steps that offline merges are composed of (trim, drop, elect sign, disjoint mean).
 
-Each works on one tensor, or on a stack ``(T, ...)`` of the same parameter from ``T`` task vectors. Ties of
-magnitude are broken by ``torch.topk`` as in ``peft.utils.merge_utils``, so results agree with peft.
+Each works on one tensor, or on a stack ``(T, ...)`` of the same parameter from ``T`` task vectors. Magnitude
+trims keep every entry at least as large as the ``k``-th largest (``torch.kthvalue``, about twice as fast as the
+``torch.topk`` of ``peft.utils.merge_utils``); results equal peft's unless several entries tie exactly at the
+threshold, where all of them are kept.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ def check_density(density: float, name: str = "density") -> float:
 
 
 def top_magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``int(density * numel)`` entries of largest magnitude."""
+    """Boolean mask of the ``int(density * numel)`` entries of largest magnitude (ties at the threshold kept)."""
     k = int(check_density(density) * t.numel())
-    mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-    if k > 0:
-        mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = True
-    return mask.view_as(t)
+    if k == 0:
+        return torch.zeros_like(t, dtype=torch.bool)
+    mag = t.abs()
+    if k == t.numel():
+        return torch.ones_like(t, dtype=torch.bool)
+    return mag >= _kth_largest(mag.reshape(-1), k)
+
+
+def _kth_largest(flat_abs: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.kthvalue(flat_abs, flat_abs.numel() - k + 1).values
 
 
 def trim(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -38,7 +46,7 @@ def global_magnitude_threshold(tensors: list[torch.Tensor], density: float) -> f
     if k == 0:
         return float("inf")
     flat = torch.cat([t.abs().reshape(-1) for t in tensors])
-    return float(torch.topk(flat, k=k, largest=True).values[-1])
+    return float(_kth_largest(flat, k))
 
 
 def drop_and_rescale(t: torch.Tensor, density: float, *, mask: torch.Tensor | None = None,

@@ -143,19 +143,22 @@ class TaskVector:
 
     def __add__(self, other: TaskVector) -> TaskVector:
         self._check_compatible(other)
-        return TaskVector({k: v + other._v[k] for k, v in self._v.items()})
+        return TaskVector._trusted({k: v + other._v[k] for k, v in self._v.items()})
 
     def __sub__(self, other: TaskVector) -> TaskVector:
         self._check_compatible(other)
-        return TaskVector({k: v - other._v[k] for k, v in self._v.items()})
+        return TaskVector._trusted({k: v - other._v[k] for k, v in self._v.items()})
 
     def __neg__(self) -> TaskVector:
-        return self.map(lambda _, v: -v)
+        return TaskVector._trusted({k: -v for k, v in self._v.items()})
 
     def __mul__(self, scalar: float) -> TaskVector:
         if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
             raise TypeError(f"a task vector can only be scaled by a number, got {type(scalar).__name__}")
-        return self.map(lambda _, v: v * float(scalar))
+        scalar = float(scalar)
+        if scalar != scalar or scalar in (float("inf"), float("-inf")):
+            raise ValueError(f"a task vector can only be scaled by a finite number, got {scalar}")
+        return TaskVector._trusted({k: v * scalar for k, v in self._v.items()})
 
     __rmul__ = __mul__
 
