@@ -46,11 +46,28 @@ def _weighted(stacked: torch.Tensor, w: list[float]) -> torch.Tensor:
     return stacked * torch.tensor(w, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
 
 
+_CHUNK = 1 << 16  # 256 KiB of fp32: a chunk and its accumulator stay in cache across the T task vectors
+
+
+def _step(t: torch.Tensor) -> int:
+    """Cache-sized chunks on CPU; one chunk on GPUs, where kernel launches cost more than cache misses."""
+    return _CHUNK if t.device.type == "cpu" else max(t.numel(), 1)
+
+
+def _chunks(t: torch.Tensor) -> range:
+    return range(0, t.numel(), _step(t))
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], w: Sequence[float]) -> torch.Tensor:
-    """``sum_t w_t x_t`` accumulated in place: each input is read once and no ``(T, ...)`` stack is built."""
-    out = tensors[0] * w[0]
-    for x, wt in zip(tensors[1:], w[1:]):
-        out.add_(x, alpha=wt)
+    """``sum_t w_t x_t``, chunk by chunk: each input is read once, the output written once, no ``(T, ...)``
+    stack is built."""
+    out = torch.empty_like(tensors[0])
+    flat, inputs, step = out.view(-1), [x.reshape(-1) for x in tensors], _step(out)
+    for start in _chunks(out):
+        acc = flat[start:start + step]
+        torch.mul(inputs[0][start:start + step], w[0], out=acc)
+        for x, wt in zip(inputs[1:], w[1:]):
+            acc.add_(x[start:start + step], alpha=wt)
     return out
 
 
@@ -178,32 +195,31 @@ def breadcrumbs(task_vectors: Sequence[TaskVector], *, top_drop: float = 0.01, b
 
 
 def magmax(task_vectors: Sequence[TaskVector]) -> TaskVector:
-    """MagMax: for every entry, the task-vector value of largest magnitude (first task wins exact ties)."""
+    """MagMax: for every entry, the task-vector value of largest magnitude (computed as the running maximum or
+    minimum, whichever is larger in magnitude: two in-place passes per task; an exact tie between ``+a`` and
+    ``-a`` resolves to ``+a``)."""
     tvs = check_task_vectors(task_vectors)
     merged = {}
     for k in tvs[0]:
+        # the entry of largest magnitude is the running max or the running min, whichever is larger in magnitude
         out = tvs[0][k].clone()
-        flat = out.view(-1)
-        for start in range(0, flat.numel(), _CHUNK):  # chunks stay in cache across the T task vectors
-            chunk = flat[start:start + _CHUNK]
-            best, best_abs = chunk, chunk.abs()
-            for tv in tvs[1:]:
-                cand = tv[k].reshape(-1)[start:start + _CHUNK]
-                cand_abs = cand.abs()
-                wins = cand_abs > best_abs
-                best, best_abs = torch.where(wins, cand, best), torch.where(wins, cand_abs, best_abs)
-            chunk.copy_(best)
+        flat, inputs, step = out.view(-1), [tv[k].reshape(-1) for tv in tvs[1:]], _step(out)
+        for start in _chunks(out):
+            high = flat[start:start + step]
+            low = high.clone()
+            for x in inputs:
+                chunk = x[start:start + step]
+                torch.maximum(high, chunk, out=high)
+                torch.minimum(low, chunk, out=low)
+            torch.where(high + low >= 0, high, low, out=high)
         merged[k] = out
     return TaskVector._trusted(merged)
 
 
-_CHUNK = 1 << 18  # 1 MiB of fp32: fits in L2 with its temporaries
-
-
 def magmax_update_(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """In place: replace the entries of ``running`` whose magnitude ``new`` strictly exceeds (chunked)."""
-    flat, cand_all = running.view(-1), new.reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk, cand = flat[start:start + _CHUNK], cand_all[start:start + _CHUNK]
+    flat, cand_all, step = running.view(-1), new.reshape(-1), _step(running)
+    for start in _chunks(running):
+        chunk, cand = flat[start:start + step], cand_all[start:start + step]
         chunk.copy_(torch.where(cand.abs() > chunk.abs(), cand, chunk))
     return running

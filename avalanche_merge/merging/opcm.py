@@ -38,6 +38,7 @@ from torch import nn
 
 from ..config import check_range
 from .continual import ContinualMerger
+from .spectral import reduced_svd
 from .task_vector import TaskVector
 
 
@@ -68,7 +69,7 @@ def opcm_project(merged: torch.Tensor, task: torch.Tensor, alpha: float) -> torc
     _check_pair(merged, task, alpha)
     if not merged.any():
         return task.clone()
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    u, s, vh = reduced_svd(merged)
     v = vh.mT
     r = split_rank(s, alpha)
     a = u.mT @ task  # k x n

@@ -38,10 +38,20 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     return out.div_(len(tensors))
 
 
+def reduced_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(m, full_matrices=False)``, retried in float64 when LAPACK's divide-and-conquer fails to
+    converge (it can on exactly rank-deficient fp32 inputs, e.g. a task vector with a subspace projected out)."""
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
+
+
 def polar_factor(m: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor ``U V^T`` of ``m = U S V^T``: the closest matrix with orthonormal columns (or rows)
     in Frobenius norm (orthogonal Procrustes), used by TSV-M and Iso-CTS to whiten concatenated bases."""
-    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    u, _, vh = reduced_svd(m)
     return u @ vh
 
 
@@ -50,7 +60,7 @@ def _tsv_matrix(mats: list[torch.Tensor]) -> torch.Tensor:
     k = max(1, int(min(mats[0].shape) / n_tasks))
     us, ss, vhs = [], [], []
     for m in mats:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = reduced_svd(m)
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
@@ -84,7 +94,7 @@ def tsv(task_vectors: Sequence[TaskVector], *, exclude: Collection[str] | None =
 
 def isotropic(m: torch.Tensor) -> torch.Tensor:
     """``U (mean(S) I) V^T`` for ``m = U S V^T``: the same singular subspaces with a flat spectrum."""
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = reduced_svd(m)
     return (u * s.mean()) @ vh
 
 
@@ -121,13 +131,13 @@ def _iso_cts_matrix(mats: list[torch.Tensor], common_fraction: float) -> torch.T
     total = mats[0].clone()
     for m in mats[1:]:
         total.add_(m)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = reduced_svd(total)
     uc, sc, vhc = u[:, :common], s[:common], vh[:common]
     us, ss, vhs = [], [], []
     if per_task > 0:
         for m in mats:
             specific = m - uc @ (uc.T @ m)  # remove the common subspace
-            ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
+            ut, st, vht = reduced_svd(specific)
             us.append(ut[:, :per_task])
             ss.append(st[:per_task])
             vhs.append(vht[:per_task])

@@ -221,3 +221,24 @@ def test_iso_cts_never_loses_a_whole_matrix():
     tvs = [TaskVector({"w": torch.randn(2, 6)}) for _ in range(3)]
     merged = iso_cts(tvs, common_fraction=0.1)
     assert torch.linalg.matrix_rank(merged["w"]) >= 1
+
+
+def test_svd_falls_back_to_float64_when_lapack_fails(monkeypatch):
+    from avalanche_merge.merging import spectral
+
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky(m, full_matrices=True):
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(m, full_matrices=full_matrices)
+
+    torch.manual_seed(0)
+    m = torch.randn(6, 4)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = spectral.reduced_svd(m)
+    assert calls == [torch.float32, torch.float64]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close((u * s) @ vh, m, rtol=1e-5, atol=1e-5)

@@ -152,3 +152,33 @@ def test_bad_arguments(kwargs, match):
 def test_unknown_head_module(bench):
     with pytest.raises(ValueError, match="head 'classifier' is not a module"):
         _run(bench, MergePlugin(merger="opcm", head="classifier"))
+
+
+class Growing(nn.Module):
+    """Avalanche's growing head: the output layer gains rows when new classes arrive."""
+
+    def __init__(self):
+        super().__init__()
+        from avalanche.models import IncrementalClassifier
+
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU())
+        self.classifier = IncrementalClassifier(16, initial_out_features=2)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def test_class_rows_with_a_growing_incremental_classifier(bench):
+    torch.manual_seed(0)
+    model = Growing()
+    ft = Probe()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, eval_mb_size=64,
+                     plugins=[ft, MergePlugin(merger="continual_average")])
+    for exp in bench.scenario.train_stream:
+        strategy.train(exp)
+    weight = model.classifier.classifier.weight
+    first = bench.scenario.train_stream[0].classes_in_this_experience
+    assert weight.shape[0] > max(first)  # the head grew
+    for c in first:  # each class keeps the row fitted in its own experience
+        assert torch.equal(weight[c], ft.after[0]["classifier.classifier.weight"][c])
