@@ -12,7 +12,7 @@ embeddings of other ranks) is averaged, as in the papers' reference code. Return
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -31,11 +31,27 @@ def _check_exclude(exclude: Collection[str] | None, tv: TaskVector) -> frozenset
     return names
 
 
-def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     out = tensors[0].clone()
     for x in tensors[1:]:
         out.add_(x)
-    return out.div_(len(tensors))
+    return out
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return _sum(tensors).div_(len(tensors))
+
+
+def _merge_entries(task_vectors: Sequence[TaskVector], exclude: Collection[str] | None,
+                   matrix_fn: Callable[[list[torch.Tensor]], torch.Tensor]) -> TaskVector:
+    """``matrix_fn`` over the T values of every 2-D entry not excluded; the mean over every other entry."""
+    tvs = check_task_vectors(task_vectors)
+    skip = _check_exclude(exclude, tvs[0])
+    merged = {}
+    for name, first in tvs[0].items():
+        mats = [tv[name] for tv in tvs]
+        merged[name] = matrix_fn(mats) if _is_matrix(name, first, skip) else _mean(mats)
+    return TaskVector._trusted(merged)
 
 
 def reduced_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,13 +99,7 @@ def tsv(task_vectors: Sequence[TaskVector], *, exclude: Collection[str] | None =
     Raises:
         ValueError: incompatible task vectors, or ``exclude`` names an unknown parameter.
     """
-    tvs = check_task_vectors(task_vectors)
-    skip = _check_exclude(exclude, tvs[0])
-    merged = {}
-    for name, first in tvs[0].items():
-        mats = [tv[name] for tv in tvs]
-        merged[name] = _tsv_matrix(mats) if _is_matrix(name, first, skip) else _mean(mats)
-    return TaskVector._trusted(merged)
+    return _merge_entries(task_vectors, exclude, _tsv_matrix)
 
 
 def isotropic(m: torch.Tensor) -> torch.Tensor:
@@ -105,19 +115,7 @@ def iso_c(task_vectors: Sequence[TaskVector], *, exclude: Collection[str] | None
     Raises:
         ValueError: incompatible task vectors, or ``exclude`` names an unknown parameter.
     """
-    tvs = check_task_vectors(task_vectors)
-    skip = _check_exclude(exclude, tvs[0])
-    merged = {}
-    for name, first in tvs[0].items():
-        mats = [tv[name] for tv in tvs]
-        if _is_matrix(name, first, skip):
-            total = mats[0].clone()
-            for m in mats[1:]:
-                total.add_(m)
-            merged[name] = isotropic(total)
-        else:
-            merged[name] = _mean(mats)
-    return TaskVector._trusted(merged)
+    return _merge_entries(task_vectors, exclude, lambda mats: isotropic(_sum(mats)))
 
 
 def _iso_cts_matrix(mats: list[torch.Tensor], common_fraction: float) -> torch.Tensor:
@@ -128,10 +126,7 @@ def _iso_cts_matrix(mats: list[torch.Tensor], common_fraction: float) -> torch.T
     if budget > full:
         budget = (full // n_tasks) * n_tasks
     common, per_task = full - budget, budget // n_tasks
-    total = mats[0].clone()
-    for m in mats[1:]:
-        total.add_(m)
-    u, s, vh = reduced_svd(total)
+    u, s, vh = reduced_svd(_sum(mats))
     uc, sc, vhc = u[:, :common], s[:common], vh[:common]
     us, ss, vhs = [], [], []
     if per_task > 0:
@@ -165,10 +160,4 @@ def iso_cts(task_vectors: Sequence[TaskVector], *, common_fraction: float = 0.8,
         raise TypeError(f"common_fraction must be a number, got {type(common_fraction).__name__}")
     if not 0.0 < common_fraction <= 1.0:
         raise ValueError(f"common_fraction must be in (0, 1], got {common_fraction}")
-    tvs = check_task_vectors(task_vectors)
-    skip = _check_exclude(exclude, tvs[0])
-    merged = {}
-    for name, first in tvs[0].items():
-        mats = [tv[name] for tv in tvs]
-        merged[name] = _iso_cts_matrix(mats, common_fraction) if _is_matrix(name, first, skip) else _mean(mats)
-    return TaskVector._trusted(merged)
+    return _merge_entries(task_vectors, exclude, lambda mats: _iso_cts_matrix(mats, common_fraction))
