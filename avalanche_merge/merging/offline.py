@@ -66,7 +66,10 @@ def weighted_sum(tensors: Sequence[torch.Tensor], w: Sequence[float]) -> torch.T
     uniform = all(x == w[0] for x in w)  # add_ with alpha=1 is about twice as fast as with another alpha
     for start in _chunks(out):
         acc = flat[start:start + step]
-        acc.copy_(inputs[0][start:start + step]) if uniform else torch.mul(inputs[0][start:start + step], w[0], out=acc)
+        if uniform:
+            acc.copy_(inputs[0][start:start + step])
+        else:
+            torch.mul(inputs[0][start:start + step], w[0], out=acc)
         for x, wt in zip(inputs[1:], w[1:]):
             acc.add_(x[start:start + step], alpha=1.0 if uniform else wt)
         if uniform and w[0] != 1.0:
