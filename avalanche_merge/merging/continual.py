@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..config import check_range
 from .offline import _ties_merge, _trimmer, magmax_update_
 from .steps import check_density
-from .task_vector import TaskVector
+from .task_vector import TaskVector, _check_same_keys
 
 
 @dataclass(kw_only=True)
@@ -31,7 +31,7 @@ class ContinualMerger(ABC):
     """Base class: validates each incoming task vector against the first one and counts tasks."""
 
     num_tasks: int = field(default=0, init=False)
-    _first: TaskVector | None = field(default=None, init=False, repr=False)
+    _shapes: dict[str, tuple[int, ...]] | None = field(default=None, init=False, repr=False)
 
     @property
     def stored_task_vectors(self) -> int:
@@ -54,10 +54,15 @@ class ContinualMerger(ABC):
         """
         if not isinstance(task_vector, TaskVector):
             raise TypeError(f"expected a TaskVector, got {type(task_vector).__name__}")
-        if self._first is None:
-            self._first = task_vector
+        shapes = {k: tuple(v.shape) for k, v in task_vector.items()}
+        if self._shapes is None:
+            self._shapes = shapes  # only the signature: holding the first task vector would double the state
         else:
-            self._first._check_compatible(task_vector)
+            _check_same_keys(self._shapes, shapes, "first", "new")
+            for name, shape in self._shapes.items():
+                if shapes[name] != shape:
+                    raise ValueError(f"parameter {name!r} has shape {shape} in the first task vector and "
+                                     f"{shapes[name]} in the new one")
         self._add(task_vector)
         self.num_tasks += 1
         return self.merged
