@@ -1,5 +1,6 @@
-"""Thin Avalanche plugins, one file per method family; each only calls a pure core."""
+"""Thin Avalanche plugins over the cores: merging (:class:`MergePlugin`), continual LoRA (:class:`LoRAPlugin`)."""
 
+from .lora import LoRAPlugin
 from .merge import MergePlugin
 
-__all__ = ["MergePlugin"]
+__all__ = ["LoRAPlugin", "MergePlugin"]

@@ -9,8 +9,10 @@ from importlib.metadata import entry_points
 
 from . import (
     baselines,  # noqa: F401 - registers Avalanche's baselines
+    lora,  # noqa: F401 - registers the continual LoRA learners
     merging,  # noqa: F401 - registers the merging methods
 )
+from .lora import LoRAStrategy
 from .merging import ContinualMerging
 from .registry import (
     METHODS,
@@ -26,5 +28,5 @@ from .registry import (
 for _ep in entry_points(group="avalanche_merge.methods"):
     import_module(_ep.value)
 
-__all__ = ["METHODS", "BuildContext", "ContinualMerging", "MethodSpec", "TrainConfig", "get_method", "list_methods",
-           "register_method", "register_plugin_method"]
+__all__ = ["METHODS", "BuildContext", "ContinualMerging", "LoRAStrategy", "MethodSpec", "TrainConfig", "get_method",
+           "list_methods", "register_method", "register_plugin_method"]

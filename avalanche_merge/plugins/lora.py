@@ -1,0 +1,90 @@
+"""``LoRAPlugin``: any continual LoRA learner of :mod:`avalanche_merge.lora` inside any Avalanche strategy.
+
+The plugin only connects Avalanche's callbacks to the learner's four calls; the maths lives in the learner:
+
+- ``before_training``: build the learner on ``strategy.model`` (peft injects the adapters in place);
+- ``before_training_exp``: ``learner.begin_task(inputs)``, then the optimizer is reset to the learner's trainable
+  parameters only (Avalanche's ``make_optimizer``/``update_optimizer`` would also add the frozen base and
+  earlier adapters);
+- ``before_backward``: ``strategy.loss += learner.penalty()``;
+- ``after_backward``: ``learner.after_backward()`` (gradient projections);
+- ``after_training_exp``: ``learner.end_task(inputs)``.
+
+``inputs`` are up to ``max_samples`` inputs of the current experience (never the replay buffer), taken in a
+fixed seeded order with the evaluation transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader, Subset
+
+from ..lora import ContinualLoRA, make_config
+from ..lora.registry import LEARNERS
+
+
+def restrict_optimizer(strategy: Any, params: list[torch.nn.Parameter]) -> None:
+    """Point the strategy's single-group optimizer at ``params`` only and clear its state."""
+    optimizer = strategy.optimizer
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"LoRAPlugin needs an optimizer with one parameter group, got "
+                         f"{len(optimizer.param_groups)}; build the optimizer over model.parameters()")
+    optimizer.param_groups[0]["params"] = list(params)
+    optimizer.state.clear()
+    ids = {id(p) for p in params}
+    strategy.optimized_param_id = {n: p for n, p in strategy.model.named_parameters() if id(p) in ids}
+
+
+def experience_inputs(strategy: Any, max_samples: int, seed: int = 0) -> list:
+    """Up to ``max_samples`` inputs of the current experience, as mini-batches on the strategy's device."""
+    dataset = strategy.experience.dataset
+    dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
+    n = len(dataset)
+    if n > max_samples:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
+        dataset = Subset(dataset, order.tolist())
+    loader = DataLoader(dataset, batch_size=max(1, getattr(strategy, "train_mb_size", 64)), shuffle=False)
+    return [batch[0].to(strategy.device) for batch in loader]
+
+
+class LoRAPlugin(SupervisedPlugin):
+    """Train a continual LoRA learner inside any ``SupervisedTemplate`` (Naive, Replay, ...).
+
+    Args:
+        method: a registered learner name (``avalanche_merge.lora.list_learners()``).
+        options: the learner's config fields (validated now, before training).
+    """
+
+    def __init__(self, *, method: str = "olora", options: dict | None = None) -> None:
+        super().__init__()
+        self.method = method
+        self.config = make_config(method, **(options or {}))
+        self.learner: ContinualLoRA | None = None
+        self._inputs: list | None = None
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self.learner is None:
+            self.learner = LEARNERS.get(self.method)(strategy.model, config=self.config)
+        elif self.learner.model is not strategy.model:
+            raise RuntimeError("LoRAPlugin is bound to another model; use one plugin per strategy")
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        learner = self.learner
+        self._inputs = experience_inputs(strategy, self.config.max_samples) if learner.needs_inputs else None
+        params = learner.begin_task(self._inputs)
+        restrict_optimizer(strategy, params)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        penalty = self.learner.penalty()
+        if penalty is not None:
+            strategy.loss = strategy.loss + penalty
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.after_backward()
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.end_task(self._inputs)
+        self._inputs = None
