@@ -45,6 +45,12 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str], *, exclude:
             raise ValueError(f"target module {target!r} matches no nn.Linear layer of {type(model).__name__}; "
                              f"valid names: {short}")
         found += [n for n in hits if n not in found]
+    for n in found:
+        parent = modules[n.rsplit(".", 1)[0]] if "." in n else model
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"{n!r} is the output projection of an nn.MultiheadAttention, whose forward reads "
+                             f"out_proj.weight directly, so a LoRA there would be ignored; target the MLP layers "
+                             f"(open_clip: c_fc, c_proj) instead")
     return sorted(found, key=list(modules).index)
 
 

@@ -34,6 +34,9 @@ class LoRAConfig:
         train_head: keep the classification head trainable (it is not a LoRA target).
         head: module name of the head, or ``"auto"`` (``head``/``classifier``/last ``nn.Linear``).
         max_samples: inputs per experience used by data-dependent steps (input covariances, old outputs), >= 1.
+        lr: learning rate of the learner's parameters when driven by the Avalanche plugin, > 0; ``None`` keeps
+            the strategy optimizer's rate. LoRA is usually trained at a larger rate than full fine-tuning
+            (Hu et al., ICLR 2022: zero-initialised ``B`` and a low-rank update move the function slowly).
     """
 
     rank: int = 4
@@ -43,6 +46,7 @@ class LoRAConfig:
     train_head: bool = True
     head: str = "auto"
     max_samples: int = 512
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("rank", self.rank)
@@ -56,6 +60,8 @@ class LoRAConfig:
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         check_positive_int("max_samples", self.max_samples)
+        if self.lr is not None:
+            check_range("lr", self.lr, 0.0, None, low_open=True)
 
     @property
     def scaling(self) -> float:

@@ -26,13 +26,15 @@ from ..lora import ContinualLoRA, make_config
 from ..lora.registry import LEARNERS
 
 
-def restrict_optimizer(strategy: Any, params: list[torch.nn.Parameter]) -> None:
-    """Point the strategy's single-group optimizer at ``params`` only and clear its state."""
+def restrict_optimizer(strategy: Any, params: list[torch.nn.Parameter], lr: float | None = None) -> None:
+    """Point the strategy's single-group optimizer at ``params`` only (at rate ``lr`` if given); clear its state."""
     optimizer = strategy.optimizer
     if len(optimizer.param_groups) != 1:
         raise ValueError(f"LoRAPlugin needs an optimizer with one parameter group, got "
                          f"{len(optimizer.param_groups)}; build the optimizer over model.parameters()")
     optimizer.param_groups[0]["params"] = list(params)
+    if lr is not None:
+        optimizer.param_groups[0]["lr"] = lr
     optimizer.state.clear()
     ids = {id(p) for p in params}
     strategy.optimized_param_id = {n: p for n, p in strategy.model.named_parameters() if id(p) in ids}
@@ -75,7 +77,7 @@ class LoRAPlugin(SupervisedPlugin):
         learner = self.learner
         self._inputs = experience_inputs(strategy, self.config.max_samples) if learner.needs_inputs else None
         params = learner.begin_task(self._inputs)
-        restrict_optimizer(strategy, params)
+        restrict_optimizer(strategy, params, self.config.lr)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         penalty = self.learner.penalty()

