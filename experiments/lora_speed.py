@@ -45,7 +45,8 @@ def build(args):
     from avalanche_merge.models.vit import TinyViT, TinyViTConfig
 
     torch.manual_seed(0)
-    return TinyViT(TinyViTConfig(dim=args.dim, depth=args.depth, heads=args.heads, patch_size=4, num_classes=10)).to(args.device)
+    config = TinyViTConfig(dim=args.dim, depth=args.depth, heads=args.heads, patch_size=4, num_classes=10)
+    return TinyViT(config).to(args.device)
 
 
 def batches(args, task):
