@@ -5,9 +5,11 @@ ViT; Avalanche's evaluator records accuracy, and avalanche-merge's metrics recor
 earlier tasks' loss) and the overlap of the tasks' LoRA input subspaces (mean cos^2 of principal angles), which
 is plotted for each learner.
 
-Run: python examples/continual_lora.py   (about a minute on 2 CPU cores once the tiny ViT is cached)
+Run: python examples/continual_lora.py [PLOT_DIR]   (about a minute on 2 CPU cores once the tiny ViT is cached;
+plots go to PLOT_DIR, default a temporary folder)
 """
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from avalanche_merge.models.pretrain import pretrained_tiny_vit
 from avalanche_merge.plugins import LoRAPlugin
 
 bench = build_benchmark("domain_mnist", seed=0, domains=["rotate_90", "flip_lr", "edges", "noise"])
-out = Path(tempfile.mkdtemp())
+out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
+out.mkdir(parents=True, exist_ok=True)
 for method in ("lora", "olora", "inflora"):
     torch.manual_seed(0)
     model, _ = pretrained_tiny_vit()
