@@ -11,6 +11,7 @@ from . import (
     baselines,  # noqa: F401 - registers Avalanche's baselines
     lora,  # noqa: F401 - registers the continual LoRA learners
     merging,  # noqa: F401 - registers the merging methods
+    sparse,  # noqa: F401 - registers the sparse fine-tuning methods
 )
 from .lora import LoRAStrategy
 from .merging import ContinualMerging

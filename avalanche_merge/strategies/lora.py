@@ -12,7 +12,8 @@ from typing import Any
 from avalanche.training.templates import SupervisedTemplate
 
 from ..lora import LEARNERS
-from ..plugins.lora import LoRAPlugin, restrict_optimizer
+from ..plugins.lora import LoRAPlugin
+from ..plugins.optim import restrict_optimizer
 from .registry import METHODS, BuildContext, register_method
 
 

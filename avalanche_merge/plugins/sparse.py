@@ -1,0 +1,72 @@
+"""``SparsePlugin``: any sparse learner of :mod:`avalanche_merge.sparse` inside any Avalanche strategy.
+
+Callbacks -> learner calls (the maths lives in the learner):
+
+- ``before_training``: build the learner on ``strategy.model``;
+- ``before_training_exp``: ``learner.begin_task(batches)`` on up to ``max_samples`` ``(x, y)`` samples of the
+  experience (seeded order, evaluation transforms), then the optimizer is reset to the learner's parameters;
+- ``after_backward``: ``learner.after_backward()`` (gradient masks);
+- ``before_update`` / ``after_update``: ``learner.before_step()`` / ``learner.after_step()`` around the optimizer
+  step (masked weights restored bit for bit; dynamic masks refreshed);
+- ``after_training_exp``: ``learner.end_task()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader, Subset
+
+from ..sparse import SparseLearner, make_sparse_config
+from ..sparse.registry import SPARSE_LEARNERS
+from .optim import restrict_optimizer
+
+
+def experience_batches(strategy: Any, max_samples: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to ``max_samples`` ``(x, y)`` pairs of the current experience, batched, on the strategy's device."""
+    dataset = strategy.experience.dataset
+    dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
+    if len(dataset) > max_samples:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        dataset = Subset(dataset, order.tolist())
+    loader = DataLoader(dataset, batch_size=max(1, getattr(strategy, "train_mb_size", 64)), shuffle=False)
+    return [(b[0].to(strategy.device), b[1].to(strategy.device)) for b in loader]
+
+
+class SparsePlugin(SupervisedPlugin):
+    """Train a sparse learner inside any ``SupervisedTemplate`` (Naive, Replay, ...).
+
+    Args:
+        method: a registered sparse learner (``avalanche_merge.sparse.list_sparse_learners()``).
+        options: the learner's config fields (validated now).
+    """
+
+    def __init__(self, *, method: str = "masked", options: dict | None = None) -> None:
+        super().__init__()
+        self.method = method
+        self.config = make_sparse_config(method, **(options or {}))
+        self.learner: SparseLearner | None = None
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self.learner is None:
+            self.learner = SPARSE_LEARNERS.get(self.method)(strategy.model, config=self.config)
+        elif self.learner.model is not strategy.model:
+            raise RuntimeError("SparsePlugin is bound to another model; use one plugin per strategy")
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        batches = experience_batches(strategy, self.config.max_samples, self.config.seed)
+        restrict_optimizer(strategy, self.learner.begin_task(batches))
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.after_backward()
+
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.before_step()
+
+    def after_update(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.after_step()
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.end_task()

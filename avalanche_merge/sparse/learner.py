@@ -1,0 +1,153 @@
+"""``SparseLearner``: the protocol of the sparse fine-tuning methods, and ``MaskedFineTuner`` (one mask per task).
+
+A sparse learner is driven by six calls, from the Avalanche plugin (:mod:`avalanche_merge.plugins.sparse`) or
+from your own loop; no Avalanche import here:
+
+1. ``params = learner.begin_task(batches)``: choose the task's mask(s) from ``batches`` (``(x, y)`` mini-batches
+   of the new task) and return the parameters to optimise;
+2. ``learner.after_backward()``: mask the gradients;
+3. ``learner.before_step()`` / ``learner.after_step()`` around ``optimizer.step()``: entries outside the mask are
+   restored bit for bit (Adam moments and weight decay cannot leak into them), dynamic masks are refreshed;
+4. ``learner.end_task()``: the task's mask becomes owned (frozen for later tasks) and its statistics are recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..merging.heads import find_head
+from .guard import MaskedUpdate
+from .masks import (
+    SCOPES,
+    check_density,
+    density_of,
+    mask_overlap,
+)
+
+PARAMETER_SETS = ("linear", "all")
+
+
+@dataclass(kw_only=True)
+class SparseConfig:
+    """Options shared by the sparse learners.
+
+    Args:
+        density: fraction of the selectable weights a task may update, in (0, 1].
+        scope: ``"tensor"`` (density per parameter tensor) or ``"global"`` (over all selectable weights).
+        parameters: ``"linear"`` (weights of ``nn.Linear`` layers) or ``"all"`` (every floating parameter) of the
+            backbone; the head is handled by ``train_head``.
+        ownership: weights selected by earlier tasks are frozen for later ones.
+        train_head: the classification head trains densely (needed when it is fresh, class-incremental).
+        head: module name of the head, or ``"auto"``.
+        max_samples: inputs per task used to choose masks, >= 1.
+        seed: seed of random choices (random masks, SET regrowth).
+    """
+
+    density: float = 0.1
+    scope: str = "tensor"
+    parameters: str = "linear"
+    ownership: bool = True
+    train_head: bool = True
+    head: str = "auto"
+    max_samples: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_density(self.density)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {list(SCOPES)}, got {self.scope!r}")
+        if self.parameters not in PARAMETER_SETS:
+            raise ValueError(f"parameters must be one of {list(PARAMETER_SETS)}, got {self.parameters!r}")
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 1:
+            raise ValueError(f"max_samples must be an int >= 1, got {self.max_samples!r}")
+
+
+class SparseLearner:
+    """Base of the sparse learners: selectable parameters, the update guard, ownership and statistics.
+
+    Args:
+        model: the model (its weights are updated in place).
+        config: a :class:`SparseConfig` (or the subclass's ``config_cls``).
+    """
+
+    name: ClassVar[str] = "sparse"
+    config_cls: ClassVar[type] = SparseConfig
+
+    def __init__(self, model: nn.Module, *, config: SparseConfig | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        config = self.config_cls() if config is None else config
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.model, self.config = model, config
+        self.head_name = find_head(model, config.head) if config.train_head else None
+        self.params = self._selectable()
+        if not self.params:
+            raise ValueError(f"no selectable parameters (parameters={config.parameters!r}) in {type(model).__name__}")
+        self.owned = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, torch.Tensor]] = []  # each finished task's mask (bool, CPU)
+        self.guard: MaskedUpdate | None = None
+        self.task = -1
+
+    def _selectable(self) -> dict[str, nn.Parameter]:
+        head = self.head_name
+        out = {}
+        for mod_name, module in self.model.named_modules():
+            if head and (mod_name == head or mod_name.startswith(head + ".")):
+                continue
+            for p_name, p in module.named_parameters(recurse=False):
+                if not p.is_floating_point():
+                    continue
+                if self.config.parameters == "linear" and not (isinstance(module, nn.Linear) and p_name == "weight"):
+                    continue
+                out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+        return out
+
+    # -- protocol ------------------------------------------------------------------------------------------
+    def begin_task(self, batches: Iterable | None = None) -> list[nn.Parameter]:
+        self.task += 1
+        frozen = self.owned if self.config.ownership else None
+        self.masks = self.choose_masks(list(batches or []), frozen)
+        self.guard = MaskedUpdate(self.params, self.masks)
+        self.model.requires_grad_(False)
+        for name, p in self.params.items():
+            p.requires_grad_(bool(self.masks[name].any()))
+        if self.head_name:
+            self.model.get_submodule(self.head_name).requires_grad_(True)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def after_backward(self) -> None:
+        self.guard.mask_gradients()
+
+    def before_step(self) -> None:
+        self.guard.before_step()
+
+    def after_step(self) -> None:
+        self.guard.after_step()
+
+    def end_task(self) -> None:
+        if self.task < 0:
+            raise RuntimeError("end_task called before begin_task")
+        final = {n: m.detach().cpu().clone() for n, m in self.masks.items()}
+        self.history.append(final)
+        for n, m in final.items():
+            self.owned[n] |= m.to(self.owned[n].device)
+
+    # -- to override ---------------------------------------------------------------------------------------
+    def choose_masks(self, batches: list, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- statistics ----------------------------------------------------------------------------------------
+    def updated_fraction(self) -> list[float]:
+        """Per finished task, the fraction of selectable weights its mask let it update."""
+        return [density_of(m) for m in self.history]
+
+    def overlap_matrix(self) -> list[list[float]]:
+        """Jaccard overlap of the finished tasks' masks (0 everywhere off the diagonal under ownership)."""
+        return [[mask_overlap(a, b) for b in self.history] for a in self.history]

@@ -1,0 +1,52 @@
+"""Sparse fine-tuning methods (family ``"sparse"``): a registered sparse learner inside Avalanche's ``Naive``.
+
+==================  =================================================  =========================================
+method              learner and defaults                               reference
+==================  =================================================  =========================================
+``sparse_grad``     mask by gradient magnitude, density 0.1, owned     Song et al. (SIFT), ICML 2024
+``sparse_fisher``   mask by Fisher information, density 0.1, owned     Kirkpatrick et al. 2017 (importance)
+``sparse_change``   mask by weight change after 20 dense steps         Ansell et al. (LT-SFT), ACL 2022
+``sparse_random``   random mask, density 0.1, owned                    control
+==================  =================================================  =========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..plugins.sparse import SparsePlugin
+from ..sparse.registry import SPARSE_LEARNERS
+from .registry import METHODS, BuildContext, register_method
+
+
+def _config_with_defaults(cls: type, method: str, defaults: dict[str, Any]) -> type:
+    """A subclass of the learner's config dataclass whose defaults are ``defaults``."""
+    fields = [(k, type(v), dataclasses.field(default=v)) for k, v in defaults.items()]
+    sub = dataclasses.make_dataclass(f"{method.title().replace('_', '')}Config", fields, bases=(cls,), kw_only=True)
+    sub.__doc__ = f"Options of {method!r}: those of {cls.__name__}, with defaults {defaults}."
+    return sub
+
+
+def register_sparse_method(method: str, learner: str, description: str, **defaults: Any) -> None:
+    """Register ``method``: Avalanche's Naive + :class:`SparsePlugin` with learner ``learner``."""
+    config_cls = _config_with_defaults(SPARSE_LEARNERS.get(learner).config_cls, method, defaults)
+
+    def build(ctx: BuildContext, cfg):
+        from avalanche.training import Naive
+
+        options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        plugin = SparsePlugin(method=learner, options=options)
+        return Naive(model=ctx.model, optimizer=ctx.optimizer(), **ctx.strategy_kwargs([plugin]))
+
+    if method not in METHODS.names():
+        register_method(method, config_cls=config_cls, family="sparse", description=description)(build)
+
+
+register_sparse_method("sparse_grad", "masked", "sparse fine-tuning, mask by gradient magnitude (SIFT)",
+                       criterion="gradient")
+register_sparse_method("sparse_fisher", "masked", "sparse fine-tuning, mask by Fisher information",
+                       criterion="fisher")
+register_sparse_method("sparse_change", "masked", "sparse fine-tuning, mask by weight change after a dense phase "
+                       "(LT-SFT)", criterion="change")
+register_sparse_method("sparse_random", "masked", "sparse fine-tuning, random mask (control)", criterion="random")
