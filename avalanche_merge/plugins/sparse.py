@@ -57,7 +57,7 @@ class SparsePlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         batches = experience_batches(strategy, self.config.max_samples, self.config.seed)
-        restrict_optimizer(strategy, self.learner.begin_task(batches))
+        restrict_optimizer(strategy, self.learner.begin_task(batches), self.config.lr)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         self.learner.after_backward()

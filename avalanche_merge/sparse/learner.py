@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..config import check_range
 from ..merging.heads import find_head
 from .guard import MaskedUpdate
 from .masks import (
@@ -46,6 +47,9 @@ class SparseConfig:
         head: module name of the head, or ``"auto"``.
         max_samples: inputs per task used to choose masks, >= 1.
         seed: seed of random choices (random masks, SET regrowth).
+        lr: learning rate of the learner's parameters when driven by the Avalanche plugin, > 0; ``None`` keeps
+            the strategy optimizer's rate (a sparse update moves the function slowly: a larger rate than dense
+            fine-tuning is usual).
     """
 
     density: float = 0.1
@@ -56,9 +60,12 @@ class SparseConfig:
     head: str = "auto"
     max_samples: int = 512
     seed: int = 0
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         check_density(self.density)
+        if self.lr is not None:
+            check_range("lr", self.lr, 0.0, None, low_open=True)
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {self.scope!r}")
         if self.parameters not in PARAMETER_SETS:
