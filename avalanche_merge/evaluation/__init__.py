@@ -1,10 +1,15 @@
-"""Continual-learning metrics: pure functions over the accuracy matrix (:mod:`.matrix`), and loss interference
-and LoRA subspace overlap as Avalanche plugin metrics (:mod:`.interference`, imported lazily: it imports
-Avalanche)."""
+"""Continual-learning metrics: pure functions over the accuracy matrix (:mod:`.matrix`), loss interference and
+LoRA subspace overlap as Avalanche plugin metrics (:mod:`.interference`), and sparse fine-tuning statistics
+(updated fraction, mask overlap, estimated FLOPs saved; :mod:`.sparsity`). The last two are imported lazily: they
+import Avalanche."""
 
 _LAZY = {name: ".interference" for name in (
     "Interference", "InterferencePluginMetric", "LoRAOverlapPluginMetric", "final_interference",
     "interference_matrix", "interference_metrics", "lora_overlap_metrics", "task_losses")}
+_LAZY.update({name: ".sparsity" for name in (
+    "LinearShape", "SparsityPluginMetric", "changed_masks", "find_sparse_learner", "flops_saving", "jaccard_matrix",
+    "learner_flops_saving", "linear_layers", "mask_densities", "record_linear_rows", "sparsity_metrics",
+    "updated_fraction", "weight_snapshot")})
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ def restrict_optimizer(strategy: Any, params: list[torch.nn.Parameter], lr: floa
     """Point the strategy's single-group optimizer at ``params`` only (at rate ``lr`` if given); clear its state."""
     optimizer = strategy.optimizer
     if len(optimizer.param_groups) != 1:
-        raise ValueError(f"LoRAPlugin needs an optimizer with one parameter group, got "
+        raise ValueError(f"this plugin needs an optimizer with one parameter group, got "
                          f"{len(optimizer.param_groups)}; build the optimizer over model.parameters()")
     optimizer.param_groups[0]["params"] = list(params)
     if lr is not None:

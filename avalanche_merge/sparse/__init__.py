@@ -2,12 +2,16 @@
 
 - :mod:`.masks`: importance scores (gradient, Fisher, weight change, random) and top-k mask selection;
 - :mod:`.guard`: :class:`MaskedUpdate`, masked weights bit-identical through any optimizer step;
-- :mod:`.learner` / :mod:`.masked`: the sparse-learner protocol and :class:`MaskedFineTuner` (a mask per task).
+- :mod:`.learner` / :mod:`.masked`: the sparse-learner protocol and :class:`MaskedFineTuner` (a mask per task);
+- :mod:`.dst`: dynamic sparse training, SET and RigL (Yildirim et al., CPAL 2024);
+- :mod:`.sparcl`: SparCL (Wang et al., NeurIPS 2022): dynamic weight and gradient masks, data removal;
+- :mod:`.memory` / :mod:`.tfidf`: a product-key memory layer and sparse memory fine-tuning by TF-IDF slot ranking
+  (Lin et al. 2025).
 
 ``make_sparse_learner(name, model, **options)`` builds any registered learner; ``list_sparse_learners()``.
 """
 
-from . import masked  # noqa: F401 - registers the learner
+from . import dst, masked, sparcl  # noqa: F401 - each module registers its learners
 from .guard import MaskedUpdate
 from .learner import SparseConfig, SparseLearner
 from .masked import MaskedConfig, MaskedFineTuner
@@ -20,6 +24,7 @@ from .masks import (
     random_scores,
     select_masks,
 )
+from .memory import MemoryConfig, ProductKeyMemory, SparseMemoryFinetuner, insert_memory
 from .registry import (
     SPARSE_LEARNERS,
     list_sparse_learners,
@@ -28,6 +33,7 @@ from .registry import (
     register_sparse_learner,
 )
 
-__all__ = ["SPARSE_LEARNERS", "MaskedConfig", "MaskedFineTuner", "MaskedUpdate", "SparseConfig", "SparseLearner",
+__all__ = ["SPARSE_LEARNERS", "MaskedConfig", "MaskedFineTuner", "MaskedUpdate", "MemoryConfig", "ProductKeyMemory",
+           "SparseMemoryFinetuner", "insert_memory", "SparseConfig", "SparseLearner",
            "change_scores", "density_of", "fisher_scores", "gradient_scores", "list_sparse_learners", "mask_overlap",
            "make_sparse_config", "make_sparse_learner", "random_scores", "register_sparse_learner", "select_masks"]

@@ -11,7 +11,9 @@ from . import (
     baselines,  # noqa: F401 - registers Avalanche's baselines
     lora,  # noqa: F401 - registers the continual LoRA learners
     merging,  # noqa: F401 - registers the merging methods
+    packnet,  # noqa: F401 - registers Avalanche's PackNet (task-incremental only)
     sparse,  # noqa: F401 - registers the sparse fine-tuning methods
+    sparse_memory,  # noqa: F401 - registers sparse memory fine-tuning
 )
 from .lora import LoRAStrategy
 from .merging import ContinualMerging

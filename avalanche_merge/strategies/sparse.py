@@ -50,3 +50,26 @@ register_sparse_method("sparse_fisher", "masked", "sparse fine-tuning, mask by F
 register_sparse_method("sparse_change", "masked", "sparse fine-tuning, mask by weight change after a dense phase "
                        "(LT-SFT)", criterion="change")
 register_sparse_method("sparse_random", "masked", "sparse fine-tuning, random mask (control)", criterion="random")
+register_sparse_method("dst_set", "set", "dynamic sparse training, SET regrowth (Yildirim et al. 2024)")
+register_sparse_method("dst_rigl", "rigl", "dynamic sparse training, RigL regrowth (Yildirim et al. 2024)")
+
+
+def _register_sparcl() -> None:
+    """``sparcl``: Naive + :class:`~avalanche_merge.plugins.sparcl.SparCLPlugin` (TDM, DGM and data removal)."""
+    from ..plugins.sparcl import SparCLPlugin
+    from ..sparse.sparcl import SparCLConfig
+
+    def build(ctx: BuildContext, cfg: SparCLConfig):
+        from avalanche.training import Naive
+
+        options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        plugin = SparCLPlugin(options=options)
+        return Naive(model=ctx.model, optimizer=ctx.optimizer(), **ctx.strategy_kwargs([plugin]))
+
+    if "sparcl" not in METHODS.names():
+        register_method("sparcl", config_cls=SparCLConfig, family="sparse",
+                        description="SparCL: dynamic weight masks, top-k gradient masks, removal of unforgotten "
+                        "examples (Wang et al., NeurIPS 2022)")(build)
+
+
+_register_sparcl()
