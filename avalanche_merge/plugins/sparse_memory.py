@@ -5,7 +5,8 @@ Avalanche's callbacks to :class:`~avalanche_merge.sparse.memory.SparseMemoryFine
 
 - :meth:`SparseMemoryPlugin.setup` (called by the registered builder, else at ``before_training``): insert a
   zero-initialised product-key memory after the chosen block (default: the last), freeze the rest of the model;
-- ``before_training_exp``: replace the strategy's optimizer by the configured one (SGD by default) over the value
+- ``before_training_exp``: replace the strategy's optimizer by the configured one (AdamW 1e-2 by default here;
+  the core's default is the paper's SGD) over the value
   table and, with ``train_head``, the classification head (Avalanche's ``make_optimizer`` would add every frozen
   parameter);
 - ``after_forward``: keep the batch's memory accesses; ``after_backward``: TF-IDF top-``t`` selection and gradient

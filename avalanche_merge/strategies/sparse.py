@@ -7,6 +7,9 @@ method              learner and defaults                               reference
 ``sparse_fisher``   mask by Fisher information, density 0.1, owned     Kirkpatrick et al. 2017 (importance)
 ``sparse_change``   mask by weight change after 20 dense steps         Ansell et al. (LT-SFT), ACL 2022
 ``sparse_random``   random mask, density 0.1, owned                    control
+``dst_set``         ERK mask, SET regrowth every 10 steps, owned       Yildirim et al., CPAL 2024; Mocanu 2018
+``dst_rigl``        ERK mask, RigL regrowth every 10 steps, owned      Yildirim et al., CPAL 2024; Evci 2020
+``sparcl``          SparCL (weight + gradient masks, data removal)     Wang et al., NeurIPS 2022
 ==================  =================================================  =========================================
 """
 
@@ -50,8 +53,12 @@ register_sparse_method("sparse_fisher", "masked", "sparse fine-tuning, mask by F
 register_sparse_method("sparse_change", "masked", "sparse fine-tuning, mask by weight change after a dense phase "
                        "(LT-SFT)", criterion="change")
 register_sparse_method("sparse_random", "masked", "sparse fine-tuning, random mask (control)", criterion="random")
-register_sparse_method("dst_set", "set", "dynamic sparse training, SET regrowth (Yildirim et al. 2024)")
-register_sparse_method("dst_rigl", "rigl", "dynamic sparse training, RigL regrowth (Yildirim et al. 2024)")
+# RigL's update interval (100 steps) never fires on our offline experiences (25-60 steps each at 2 epochs): the
+# registered methods update every 10 steps (the first bench run at 100 gave SET == RigL == a static random mask)
+register_sparse_method("dst_set", "set", "dynamic sparse training, SET regrowth (Yildirim et al. 2024)",
+                       update_every=10)
+register_sparse_method("dst_rigl", "rigl", "dynamic sparse training, RigL regrowth (Yildirim et al. 2024)",
+                       update_every=10)
 
 
 def _register_sparcl() -> None:
