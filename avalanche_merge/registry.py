@@ -79,3 +79,17 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def make_item_config(registry: Registry, name: str, **options):
+    """The validated ``config_cls`` of the class registered as ``name`` (unknown name or option: ``ValueError``).
+
+    For registries of classes that declare their options as a dataclass ``config_cls`` (the LoRA and sparse
+    learners).
+    """
+    cls = registry.get(name)
+    fields = set(cls.config_cls.__dataclass_fields__)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for {registry.kind} {name!r}; valid: {sorted(fields)}")
+    return cls.config_cls(**options)

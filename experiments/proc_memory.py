@@ -1,7 +1,10 @@
-"""Process memory probes shared by the benchmark scripts in ``experiments/`` (Linux ``/proc``; fallbacks elsewhere)."""
+"""Process helpers shared by the benchmark scripts in ``experiments/``: memory probes (Linux ``/proc``; fallbacks
+elsewhere), the peak-memory record of a worker, and running each method in its own worker process."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 
@@ -51,3 +54,29 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_record(device: str, rss0: int | None, reset_ok: bool) -> dict:
+    """``peak_mb`` and ``peak_method`` of a worker: CUDA peak allocation, or RSS peak over ``rss0``."""
+    import torch
+
+    if device.startswith("cuda"):
+        return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_method": "torch.cuda.max_memory_allocated"}
+    return {"peak_mb": (peak_rss_bytes() - rss0) / 2**20,
+            "peak_method": "VmHWM - VmRSS after model build" if reset_ok else "peak RSS increase (no reset)"}
+
+
+def run_workers(script: str, methods: list[str], args) -> list[dict]:
+    """Run ``script --worker <method>`` with ``args`` for each method in a fresh process; its last stdout line is
+    the JSON row (a failure becomes ``{"method", "error"}``). Rows are printed as they come."""
+    rows = []
+    for method in methods:
+        cmd = [sys.executable, script, "--worker", method] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out", "methods") and v is not None]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            rows.append({"method": method, "error": done.stderr.strip().splitlines()[-1]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows

@@ -34,15 +34,13 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lora_speed import batches, build, sync
-from proc_memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim_heap
+from proc_memory import peak_record, reset_peak_rss, rss_bytes, run_workers, trim_heap
 
 REFERENCES = ("dense", "full_finetune")
 
@@ -122,12 +120,7 @@ def worker(args) -> dict:
             setup[-1] += time.perf_counter() - t0
         out["setup_s"] = statistics.median(setup)
     out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.device.startswith("cuda"):
-        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_method"] = "torch.cuda.max_memory_allocated"
-    else:
-        out["peak_mb"] = (peak_rss_bytes() - rss0) / 2**20
-        out["peak_method"] = "VmHWM - VmRSS after model build" if reset_ok else "peak RSS increase (no reset)"
+    out.update(peak_record(args.device, rss0, reset_ok))
     return out
 
 
@@ -153,16 +146,7 @@ def main() -> None:
     from avalanche_merge.sparse import list_sparse_learners
 
     methods = list(REFERENCES) + (args.methods.split(",") if args.methods else list_sparse_learners())
-    rows = []
-    for method in methods:
-        cmd = [sys.executable, __file__, "--worker", method] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out", "methods") and v is not None]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            rows.append({"method": method, "error": done.stderr.strip().splitlines()[-1]})
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    rows = run_workers(__file__, methods, args)
     ref = next(r for r in rows if r["method"] == "dense")
     for r in rows:
         if "step_s" in r and "step_s" in ref:

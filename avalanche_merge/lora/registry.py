@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import Registry
+from ..registry import Registry, make_item_config
 from .learner import ContinualLoRA
 
 LEARNERS: Registry[type[ContinualLoRA]] = Registry("LoRA learner")
@@ -27,12 +27,7 @@ def list_learners() -> list[str]:
 
 def make_config(name: str, **options: Any):
     """The validated config of learner ``name`` (unknown name or option -> ``ValueError``)."""
-    cls = LEARNERS.get(name)
-    fields = set(cls.config_cls.__dataclass_fields__)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for LoRA learner {name!r}; valid: {sorted(fields)}")
-    return cls.config_cls(**options)
+    return make_item_config(LEARNERS, name, **options)
 
 
 def make_learner(name: str, model: nn.Module, **options: Any) -> ContinualLoRA:

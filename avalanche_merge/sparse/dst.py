@@ -48,6 +48,7 @@ import torch
 from ..config import check_range
 from .guard import MaskedUpdate
 from .learner import SparseConfig, SparseLearner
+from .masks import topk_mask
 from .registry import register_sparse_learner
 
 INITS = ("erk", "uniform")
@@ -217,7 +218,7 @@ class DynamicSparseLearner(SparseLearner):
         masks = {}
         for name, p in self.params.items():
             scores = torch.rand(p.shape, generator=self.generator).to(p.device)
-            masks[name] = _top(scores.masked_fill(~free[name], -math.inf), self.counts[name])
+            masks[name] = topk_mask(scores.masked_fill(~free[name], -math.inf), self.counts[name])
         return masks
 
     # -- protocol ------------------------------------------------------------------------------------------
@@ -264,14 +265,14 @@ class DynamicSparseLearner(SparseLearner):
             w = p.detach()
             drop_score = (w - self.start[name]).abs() if self.config.drop_by == "change" else w.abs()
             drop_score = torch.nan_to_num(drop_score.float(), nan=math.inf).masked_fill(~mask, math.inf)
-            dropped = _top(-drop_score, k)
+            dropped = topk_mask(-drop_score, k)
             kept = mask & ~dropped
             candidates = ~kept
             if frozen is not None:
                 candidates &= ~frozen[name].to(mask.device)
             grow = self.grow_scores(name, p).to(mask.device).float()
             grow = torch.nan_to_num(grow, nan=0.0).masked_fill(~candidates, -math.inf)
-            new = kept | _top(grow, k)
+            new = kept | topk_mask(grow, k)
             gone = mask & ~new
             p.copy_(torch.where(gone, self.start[name], w))
             moved += int((new & ~mask).sum())
@@ -284,15 +285,6 @@ class DynamicSparseLearner(SparseLearner):
     def grow_scores(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """Scores of the inactive entries (larger regrows first)."""
         raise NotImplementedError
-
-
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` largest entries of ``scores`` (ties: in ``torch.topk``'s order)."""
-    flat = scores.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask.view_as(scores)
 
 
 @register_sparse_learner

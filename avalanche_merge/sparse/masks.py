@@ -34,7 +34,8 @@ def check_density(density: float) -> None:
     check_range("density", density, 0.0, 1.0, low_open=True)
 
 
-def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of ``scores`` (ties in ``torch.topk``'s order)."""
     flat = scores.flatten()
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
@@ -74,11 +75,11 @@ def select_masks(scores: Mapping[str, torch.Tensor], density: float, *, scope: s
         masks = {}
         for name, s in free_scores.items():
             free = int(torch.isfinite(s).sum()) if name in frozen else s.numel()
-            masks[name] = _topk_mask(s, min(round(density * s.numel()), free))
+            masks[name] = topk_mask(s, min(round(density * s.numel()), free))
         return masks
     flat = torch.cat([s.flatten() for s in free_scores.values()])
     k = min(round(density * flat.numel()), int((flat > -float("inf")).sum()))
-    chosen = _topk_mask(flat, k)
+    chosen = topk_mask(flat, k)
     masks, start = {}, 0
     for name, s in free_scores.items():
         masks[name] = chosen[start:start + s.numel()].view_as(s)

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import Registry
+from ..registry import Registry, make_item_config
 from .learner import SparseLearner
 
 SPARSE_LEARNERS: Registry[type[SparseLearner]] = Registry("sparse learner")
@@ -25,13 +25,8 @@ def list_sparse_learners() -> list[str]:
 
 
 def make_sparse_config(name: str, **options: Any):
-    """The validated config of sparse learner ``name`` (unknown name or option -> ``ValueError``)."""
-    cls = SPARSE_LEARNERS.get(name)
-    fields = set(cls.config_cls.__dataclass_fields__)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for sparse learner {name!r}; valid: {sorted(fields)}")
-    return cls.config_cls(**options)
+    """The validated config of learner ``name`` (unknown name or option -> ``ValueError``)."""
+    return make_item_config(SPARSE_LEARNERS, name, **options)
 
 
 def make_sparse_learner(name: str, model: nn.Module, **options: Any) -> SparseLearner:
