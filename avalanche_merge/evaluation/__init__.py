@@ -1,7 +1,7 @@
 """Continual-learning metrics: pure functions over the accuracy matrix (:mod:`.matrix`), loss interference and
 LoRA subspace overlap as Avalanche plugin metrics (:mod:`.interference`), and sparse fine-tuning statistics
-(updated fraction, mask overlap, estimated FLOPs saved; :mod:`.sparsity`). The last two are imported lazily: they
-import Avalanche."""
+(updated fraction, mask overlap, estimated FLOPs saved; :mod:`.sparsity`) and retrieval accuracy of routed methods
+(:mod:`.retrieval`). The last three are imported lazily: they import Avalanche."""
 
 _LAZY = {name: ".interference" for name in (
     "Interference", "InterferencePluginMetric", "LoRAOverlapPluginMetric", "final_interference",
@@ -10,6 +10,8 @@ _LAZY.update({name: ".sparsity" for name in (
     "LinearShape", "SparsityPluginMetric", "changed_masks", "find_sparse_learner", "flops_saving", "jaccard_matrix",
     "learner_flops_saving", "linear_layers", "mask_densities", "record_linear_rows", "sparsity_metrics",
     "updated_fraction", "weight_snapshot")})
+_LAZY.update({name: ".retrieval" for name in (
+    "RetrievalAccuracy", "RetrievalAccuracyPluginMetric", "retrieval_accuracy", "retrieval_metrics")})
 
 
 def __getattr__(name: str):
