@@ -107,7 +107,8 @@ def _make_loggers(names: tuple[str, ...], run_dir: Path):
 
 
 def make_evaluator(loggers: list):
-    """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, timing and RAM metrics."""
+    """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, timing and RAM metrics, and retrieval accuracy
+    for strategies that expose a router (none for the others)."""
     from avalanche.evaluation.metrics import (
         accuracy_metrics,
         bwt_metrics,
@@ -117,12 +118,15 @@ def make_evaluator(loggers: list):
     )
     from avalanche.training.plugins import EvaluationPlugin
 
+    from ..evaluation.retrieval import retrieval_metrics
+
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
         forgetting_metrics(experience=True, stream=True),
         bwt_metrics(experience=True, stream=True),
         timing_metrics(epoch=True, experience=True),
         ram_usage_metrics(every=0.5, experience=True),
+        *retrieval_metrics(),
         loggers=loggers,
     )
 
