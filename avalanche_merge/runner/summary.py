@@ -17,9 +17,10 @@ import numpy as np
 from ..atomic import atomic_path
 
 VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
-           "peak_rss_mb")
+           "peak_rss_mb", "retrieval_acc")
 CONSTANT = ("trainable_params", "n_experiences")
-PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc")
+PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "retrieval_acc")
+RETRIEVAL_KEY = "RetrievalAcc_Stream/eval_phase/test_stream"  # after the last experience, over the whole stream
 
 
 def _run_values(result: dict) -> dict:
@@ -31,6 +32,7 @@ def _run_values(result: dict) -> dict:
         "train_time_s": result["train_time_s"], "wall_time_s": result["wall_time_s"],
         "peak_rss_mb": result["peak_rss_mb"], "trainable_params": result["trainable_params"],
         "n_experiences": len(result["accuracy_matrix"][0]),
+        "retrieval_acc": (result.get("avalanche_metrics") or {}).get(RETRIEVAL_KEY),
     }
 
 
@@ -96,6 +98,8 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table (mean ± std over seeds; accuracies in %)."""
     keys = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "peak_rss_mb",
             "trainable_params")
+    if any(not math.isnan(row.get("retrieval_acc_mean", math.nan)) for row in rows):
+        keys = keys[:4] + ("retrieval_acc",) + keys[4:]  # only tables with a retrieval-routed method
     header = ["benchmark", "method", "seeds"] + list(keys)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

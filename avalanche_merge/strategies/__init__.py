@@ -12,6 +12,8 @@ from . import (
     lora,  # noqa: F401 - registers the continual LoRA learners
     merging,  # noqa: F401 - registers the merging methods
     packnet,  # noqa: F401 - registers Avalanche's PackNet (task-incremental only)
+    prototypes,  # noqa: F401 - registers NCM and RanPAC
+    routed,  # noqa: F401 - registers CoLoR and Proteus
     sparse,  # noqa: F401 - registers the sparse fine-tuning methods
     sparse_memory,  # noqa: F401 - registers sparse memory fine-tuning
 )

@@ -1,0 +1,84 @@
+"""``RoutedPlugin``: drives a :class:`~avalanche_merge.retrieval.routed.RoutedLoRA` (CoLoR, Proteus) in Avalanche.
+
+The strategy's model must be the :class:`RoutedLoRA` itself (its ``forward`` routes, so Avalanche's evaluation
+just calls ``model(x)``). Per experience:
+
+- ``before_training_exp``: ``model.begin_task(classes of the experience)`` adds the task's adapter, head (over the
+  experience's classes, global labels) and gates; the optimizer is reset to those parameters only (at ``lr``);
+- ``before_backward``: ``strategy.loss += model.penalty()`` (Proteus);
+- ``after_training_exp``: up to ``max_samples`` inputs and labels of the experience (fixed seeded order,
+  evaluation transforms) go to ``model.end_task``: LDA head if any, then the signature of their *pretrained*
+  embeddings;
+- ``before_eval_exp`` (router ``"oracle"`` only): the oracle task is the evaluated experience's index.
+
+The plugin exposes the model as ``.router`` (the :class:`~avalanche_merge.retrieval.router.Router` interface).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader, Subset
+
+from ..retrieval.routed import RoutedLoRA
+from .optim import restrict_optimizer
+
+
+def experience_batches(strategy: Any, max_samples: int, seed: int = 0) -> tuple[list, list]:
+    """Up to ``max_samples`` (inputs, labels) of the current experience, as mini-batches on the strategy's device."""
+    dataset = strategy.experience.dataset
+    dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
+    n = len(dataset)
+    if n > max_samples:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples]
+        dataset = Subset(dataset, order.tolist())
+    loader = DataLoader(dataset, batch_size=max(1, getattr(strategy, "train_mb_size", 64)), shuffle=False)
+    xs, ys = [], []
+    for batch in loader:
+        xs.append(batch[0].to(strategy.device))
+        ys.append(torch.as_tensor(batch[1]).to(strategy.device))
+    return xs, ys
+
+
+def experience_classes(experience: Any) -> list[int]:
+    """Classes of an experience: Avalanche's ``classes_in_this_experience``, else the dataset's unique targets."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        classes = experience.dataset.targets.uniques
+    return sorted(int(c) for c in classes)
+
+
+class RoutedPlugin(SupervisedPlugin):
+    """Trains one task module per experience of a :class:`RoutedLoRA` and fits its signature afterwards."""
+
+    def __init__(self, model: RoutedLoRA) -> None:
+        super().__init__()
+        if not isinstance(model, RoutedLoRA):
+            raise TypeError(f"model must be a RoutedLoRA, got {type(model).__name__}")
+        self.router = model
+
+    def _check(self, strategy: Any) -> RoutedLoRA:
+        if strategy.model is not self.router:
+            raise RuntimeError("RoutedPlugin: the strategy's model must be the plugin's RoutedLoRA")
+        return self.router
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        model = self._check(strategy)
+        params = model.begin_task(experience_classes(strategy.experience))
+        restrict_optimizer(strategy, params, model.config.lr)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        penalty = self.router.penalty()
+        if penalty is not None:
+            strategy.loss = strategy.loss + penalty
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        model = self._check(strategy)
+        xs, ys = experience_batches(strategy, model.config.max_samples)
+        model.end_task(xs, ys)
+
+    def before_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.router.config.router == "oracle":
+            self.router.oracle_task = int(strategy.experience.current_experience)

@@ -1,0 +1,159 @@
+"""RoutedLoRA (CoLoR, Proteus): isolation of tasks, batched routing, penalties, pretrained signatures, Avalanche."""
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avalanche_merge.lora.adapters import adapter_state, lora_layers
+from avalanche_merge.models import TinyViT, TinyViTConfig
+from avalanche_merge.retrieval.routed import CoLoRConfig, ProteusConfig, RoutedLoRA
+from avalanche_merge.retrieval.router import Router
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY_TRAIN, tiny_experiment  # noqa: E402
+
+
+def _backbone() -> TinyViT:
+    torch.manual_seed(0)
+    return TinyViT(TinyViTConfig(image_size=8, patch_size=4, dim=8, depth=1, heads=2, num_classes=4))
+
+
+def _task_data(t: int, n: int = 24):
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(n, 1, 8, 8, generator=g) + 3.0 * t  # tasks far apart in input space
+    y = torch.tensor([2 * t + i % 2 for i in range(n)])
+    return x, y
+
+
+def _train_task(model: RoutedLoRA, t: int, steps: int = 5) -> None:
+    x, y = _task_data(t)
+    params = model.begin_task([2 * t, 2 * t + 1])
+    opt = torch.optim.SGD(params, lr=0.1)
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        penalty = model.penalty()
+        if penalty is not None:
+            loss = loss + penalty
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.end_task([x[:12], x[12:]], [y[:12], y[12:]])
+    model.eval()
+
+
+@pytest.mark.parametrize("cfg", [CoLoRConfig(router="oracle", n_components=2),
+                                 ProteusConfig(router="oracle", n_components=2, head_type="linear")])
+def test_oracle_task_outputs_unaffected_by_later_tasks(cfg):
+    model = RoutedLoRA(_backbone(), config=cfg)
+    _train_task(model, 0)
+    x0, _ = _task_data(0)
+    with torch.no_grad():
+        before = model(x0, task_ids=torch.zeros(len(x0), dtype=torch.long))
+    adapter0 = adapter_state(model.backbone, "task0")
+    head0 = {k: v.clone() for k, v in model.heads[0].state_dict().items()}
+    _train_task(model, 1)
+    assert model.num_tasks == 2
+    for k, v in adapter_state(model.backbone, "task0").items():
+        assert torch.equal(v, adapter0[k]), k
+    for k, v in model.heads[0].state_dict().items():
+        assert torch.equal(v, head0[k]), k
+    with torch.no_grad():
+        after = model(x0, task_ids=torch.zeros(len(x0), dtype=torch.long))
+    assert torch.equal(before, after)
+    assert torch.all(after[:, 2:] == -1e9)  # task 0's head writes only its classes' columns
+    if cfg.transfer:  # the task-1 module gates task 0's adapter; gates were trained
+        assert model.gates[1].numel() == 1 and model.gates[0].numel() == 0
+
+
+@pytest.mark.parametrize("cfg", [CoLoRConfig(n_components=2), ProteusConfig(n_components=2)])
+def test_route_batched_equals_per_sample(cfg):
+    model = RoutedLoRA(_backbone(), config=cfg)
+    _train_task(model, 0)
+    _train_task(model, 1)
+    assert isinstance(model, Router)
+    x = torch.cat([_task_data(0)[0][:6], _task_data(1)[0][:6]])
+    routed = model.route(x)
+    assert routed.dtype == torch.long and torch.equal(model.last_routed, routed)
+    assert torch.equal(routed, torch.cat([model.route(x[i:i + 1]) for i in range(len(x))]))
+    with torch.no_grad():
+        batched = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_signatures_use_pretrained_features():
+    backbone = _backbone()
+    reference = copy.deepcopy(backbone).eval()
+    model = RoutedLoRA(backbone, config=CoLoRConfig(n_components=2))
+    _train_task(model, 0, steps=10)
+    _train_task(model, 1, steps=10)
+    x = _task_data(1)[0]
+    assert any(bool(layer.lora_B["task0"].weight.abs().sum() > 0) for layer in lora_layers(model.backbone).values())
+    with torch.no_grad():
+        expected = reference.features(x)
+        torch.testing.assert_close(model.embed(x), expected, rtol=0, atol=0)
+        adapted = model._task_features(x, 1)
+    assert not torch.allclose(adapted, expected)  # the adapter does change the features
+
+
+def test_proteus_penalty_equals_direct_computation():
+    cfg = ProteusConfig(lambda_orth=0.3, lambda_l1=0.2, lambda_l2=0.1, n_components=2)
+    model = RoutedLoRA(_backbone(), config=cfg)
+    _train_task(model, 0)
+    model.begin_task([2, 3])
+    with torch.no_grad():
+        model.gates[1].fill_(-0.7)
+        for layer in lora_layers(model.backbone).values():
+            layer.lora_B["task1"].weight.normal_()
+    expected = torch.tensor(0.2 * 0.7)
+    for layer in lora_layers(model.backbone).values():
+        a0, a1, b1 = layer.lora_A["task0"].weight, layer.lora_A["task1"].weight, layer.lora_B["task1"].weight
+        expected = expected + 0.3 * (a0 @ a1.T).abs().sum() + 0.1 * (a1.pow(2).sum() + b1.pow(2).sum())
+    penalty = model.penalty()
+    torch.testing.assert_close(penalty, expected)
+    model.zero_grad(set_to_none=True)
+    penalty.backward()
+    assert model.gates[1].grad is not None and layer.lora_A["task0"].weight.grad is None
+    assert CoLoRConfig().lambda_orth == 0 and RoutedLoRA(_backbone(), config=CoLoRConfig()).penalty() is None
+
+
+def test_lda_head_separates_task_classes():
+    model = RoutedLoRA(_backbone(), config=ProteusConfig(n_components=2, head_type="lda"))
+    _train_task(model, 0, steps=1)
+    x, y = _task_data(0)
+    with torch.no_grad():
+        acc = (model(x, task_ids=None).argmax(1) == y).float().mean()
+    assert acc >= 0.5 and model.heads[0].weight.shape == (2, 8)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="router.*'nearest'"):
+        CoLoRConfig(router="nearest")
+    with pytest.raises(ValueError, match="head_type"):
+        ProteusConfig(head_type="mlp")
+    with pytest.raises(ValueError, match="lambda_l1"):
+        ProteusConfig(lambda_l1=-1.0)
+    with pytest.raises(ValueError, match="signature_method"):
+        CoLoRConfig(signature_method="knn")
+    with pytest.raises(TypeError):
+        RoutedLoRA(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("method", ["color", "proteus"])
+def test_tiny_avalanche_run(method, tmp_path):
+    from avalanche_merge.runner import load_experiment, plan_experiment
+    from avalanche_merge.runner.run import execute_run
+
+    entry = {"name": method, "options": {"lr": 1e-2, "max_samples": 64}}
+    (plan,) = plan_experiment(load_experiment(tiny_experiment([entry], train=dict(TINY_TRAIN, epochs=1))))
+    result = execute_run(plan, tmp_path)
+    R = np.asarray(result["accuracy_matrix"])
+    assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
+    assert math.isclose(result["metrics"]["final_acc"], R[-1].mean())
+    assert result["trainable_params"] > 0
