@@ -52,6 +52,14 @@ class NCMConfig:
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {self.metric!r}")
 
 
+def _check_sizes(feature_dim: int, num_classes: int) -> None:
+    """Raise ``ValueError`` unless both sizes are >= 1."""
+    if feature_dim < 1:
+        raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+
+
 class NearestClassMean:
     """Running class means of features; predicts the nearest mean.
 
@@ -63,10 +71,7 @@ class NearestClassMean:
     """
 
     def __init__(self, feature_dim: int, num_classes: int, config: NCMConfig | None = None) -> None:
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        _check_sizes(feature_dim, num_classes)
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.config = config or NCMConfig()
@@ -187,10 +192,7 @@ class RanPAC:
     """
 
     def __init__(self, feature_dim: int, num_classes: int, config: RanPACConfig | None = None) -> None:
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        _check_sizes(feature_dim, num_classes)
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.config = config or RanPACConfig()
