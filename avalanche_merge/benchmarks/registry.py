@@ -23,6 +23,8 @@ class BenchmarkSpec:
         offline: True when the data ships in installed packages (such benchmarks run in ``bench`` and tests).
         default_head: ``"pretrained"`` to keep the pretrained backbone's classifier (same label space, e.g.
             domain shifts) or ``"reset"`` to start from a fresh head (class-incremental).
+        held_out: ``held_out(config, seed, domains, per_domain) -> {name: dataset}``, probe tasks never trained on
+            (for the retention metric); None when the benchmark cannot build them.
     """
 
     name: str
@@ -32,6 +34,7 @@ class BenchmarkSpec:
     offline: bool = True
     default_head: str = "reset"
     scenario: str = "class_incremental"
+    held_out: Callable[..., dict] | None = None
 
     def scenario_type(self, config: Any) -> str:
         """Scenario type of the benchmark built from ``config`` (task-incremental when it sets task labels)."""
@@ -42,7 +45,8 @@ BENCHMARKS: Registry[BenchmarkSpec] = Registry("benchmark")
 
 
 def register_benchmark(name: str, *, config_cls: type, description: str, offline: bool = True,
-                       default_head: str = "reset", scenario: str = "class_incremental") -> Callable:
+                       default_head: str = "reset", scenario: str = "class_incremental",
+                       held_out: Callable[..., dict] | None = None) -> Callable:
     """Decorator registering ``build(config, seed) -> Benchmark`` under ``name``."""
     if default_head not in ("pretrained", "reset"):
         raise ValueError(f"default_head must be 'pretrained' or 'reset', got {default_head!r}")
@@ -50,7 +54,8 @@ def register_benchmark(name: str, *, config_cls: type, description: str, offline
         raise ValueError(f"scenario must be one of {SCENARIO_TYPES}, got {scenario!r}")
 
     def decorator(build: Callable[[Any, int], Benchmark]) -> Callable[[Any, int], Benchmark]:
-        BENCHMARKS.add(name, BenchmarkSpec(name, build, config_cls, description, offline, default_head, scenario))
+        BENCHMARKS.add(name, BenchmarkSpec(name, build, config_cls, description, offline, default_head, scenario,
+                                             held_out))
         return build
 
     return decorator

@@ -1,7 +1,9 @@
 """Continual-learning metrics: pure functions over the accuracy matrix (:mod:`.matrix`), loss interference and
 LoRA subspace overlap as Avalanche plugin metrics (:mod:`.interference`), and sparse fine-tuning statistics
 (updated fraction, mask overlap, estimated FLOPs saved; :mod:`.sparsity`) and retrieval accuracy of routed methods
-(:mod:`.retrieval`). The last three are imported lazily: they import Avalanche."""
+(:mod:`.retrieval`); the papers' forgetting metrics with held-out retention (:mod:`.continual`), task-vector
+geometry (:mod:`.parameter_geometry`) and representation drift (:mod:`.drift`) as plugin metrics. Modules that
+import Avalanche are imported lazily."""
 
 _LAZY = {name: ".interference" for name in (
     "Interference", "InterferencePluginMetric", "LoRAOverlapPluginMetric", "final_interference",
@@ -12,6 +14,9 @@ _LAZY.update({name: ".sparsity" for name in (
     "updated_fraction", "weight_snapshot")})
 _LAZY.update({name: ".retrieval" for name in (
     "RetrievalAccuracy", "RetrievalAccuracyPluginMetric", "retrieval_accuracy", "retrieval_metrics")})
+_LAZY.update({"ContinualMetricsPluginMetric": ".continual", "continual_metrics": ".continual",
+              "ParameterGeometryPluginMetric": ".parameter_geometry", "geometry_metrics": ".parameter_geometry",
+              "RepresentationDriftPluginMetric": ".drift", "drift_metrics": ".drift"})
 
 
 def __getattr__(name: str):

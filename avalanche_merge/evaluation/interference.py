@@ -88,7 +88,9 @@ def _default_forward(model: nn.Module, x: Any, *rest: Any) -> Any:
 
 def _batches(data: Any, batch_size: int) -> Iterable:
     if _is_dataset(data):
-        return DataLoader(data, batch_size=batch_size, shuffle=False,
+        # a private generator: a DataLoader iterator otherwise draws its base seed from the global RNG, which
+        # would shift the training shuffles after the metric runs and change the run it measures
+        return DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                           collate_fn=getattr(data, "collate_fn", None))
     return data
 

@@ -225,8 +225,17 @@ def check_task_vectors(task_vectors: Sequence[TaskVector]) -> list[TaskVector]:
 
 
 def cosine_similarity_matrix(task_vectors: Sequence[TaskVector]) -> torch.Tensor:
-    """``T x T`` cosine similarities between flattened task vectors (0 where a vector is all zeros)."""
-    flat = torch.stack([tv.flatten() for tv in check_task_vectors(task_vectors)]).double()
-    norms = flat.norm(dim=1, keepdim=True)
-    unit = flat / norms.clamp_min(torch.finfo(torch.float64).tiny)
-    return (unit @ unit.T).float()
+    """``T x T`` cosine similarities between flattened task vectors (0 where a vector is all zeros).
+
+    The Gram matrix is accumulated tensor by tensor (float64), so only one parameter of every vector is stacked
+    at a time.
+    """
+    tvs = check_task_vectors(task_vectors)
+    gram = torch.zeros(len(tvs), len(tvs), dtype=torch.float64)
+    for name in tvs[0]:
+        x = torch.stack([tv[name].reshape(-1) for tv in tvs]).double()
+        gram += (x @ x.T).cpu()
+    norms = gram.diagonal().sqrt()
+    denom = torch.outer(norms, norms)
+    unit = torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(gram))
+    return unit.clamp(-1.0, 1.0).float()

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import ConfigError, from_dict
 from ..strategies.registry import TrainConfig
+from .analysis import AnalysisConfig, describe_analysis
 
 LOGGERS = ("interactive", "text", "csv", "tensorboard")
 RESULT_FORMAT = 1
@@ -61,6 +62,8 @@ class ExperimentConfig:
         loggers: Avalanche loggers per run, from ``interactive``, ``text``, ``csv``, ``tensorboard``.
         device: torch device string.
         eval_pretrained: evaluate the model before any training (the pretrained/zero-shot reference row).
+        analysis: record parameter geometry, representation drift and held-out retention per run (for
+            ``avalanche-merge report``); absent: none of it is recorded.
     """
 
     benchmarks: list[BenchmarkEntry]
@@ -72,6 +75,7 @@ class ExperimentConfig:
     loggers: list[str] = field(default_factory=lambda: ["text", "csv"])
     device: str = "cpu"
     eval_pretrained: bool = True
+    analysis: AnalysisConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -106,16 +110,20 @@ class RunPlan:
     loggers: tuple[str, ...]
     device: str
     eval_pretrained: bool
+    analysis: AnalysisConfig | None = None
 
     def describe(self) -> dict:
-        """The JSON-ready config of this run (what its hash covers)."""
-        return {
+        """The JSON-ready config of this run (what its hash covers; ``analysis`` only when present)."""
+        out = {
             "benchmark": self.benchmark, "benchmark_options": dataclasses.asdict(self.benchmark_options),
             "method": self.method, "label": self.label, "method_options": dataclasses.asdict(self.method_options),
             "model": self.model, "model_options": dataclasses.asdict(self.model_options),
             "train": dataclasses.asdict(self.train), "seed": self.seed, "eval_pretrained": self.eval_pretrained,
             "format": RESULT_FORMAT,
         }
+        if self.analysis is not None:
+            out["analysis"] = describe_analysis(self.analysis)
+        return out
 
     @property
     def config_hash(self) -> str:
@@ -187,6 +195,8 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
         train = from_dict(TrainConfig, {**dataclasses.asdict(config.train), **bentry.train},
                           where=f"benchmarks[{i}].train")
         scenario = bspec.scenario_type(boptions)
+        if config.analysis is not None and config.analysis.held_out_domains:
+            _check_held_out(bentry.name, bspec, boptions, config.analysis.held_out_domains, i)
         for spec, moptions, label in methods:
             try:
                 spec.check_compatible(bentry.name, scenario)
@@ -195,5 +205,16 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
             for seed in config.seeds:
                 runs.append(RunPlan(bentry.name, boptions, spec.name, label, moptions, config.model.name,
                                     model_options, train, seed, tuple(config.loggers), config.device,
-                                    config.eval_pretrained))
+                                    config.eval_pretrained, config.analysis))
     return runs
+
+
+def _check_held_out(name: str, spec: Any, options: Any, domains: list[str], i: int) -> None:
+    if spec.held_out is None:
+        raise ConfigError(f"benchmarks[{i}]: {name!r} cannot build held-out domains (analysis.held_out_domains); "
+                          f"offline MNIST/digits benchmarks can")
+    trained = set(getattr(options, "domains", None) or [])
+    overlap = sorted(trained & set(domains))
+    if overlap:
+        raise ConfigError(f"analysis.held_out_domains: {overlap[0]!r} is trained on in benchmarks[{i}] ({name}); "
+                          f"held-out tasks must never be trained on")

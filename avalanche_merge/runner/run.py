@@ -106,9 +106,9 @@ def _make_loggers(names: tuple[str, ...], run_dir: Path):
     return loggers, files
 
 
-def make_evaluator(loggers: list):
+def make_evaluator(loggers: list, extra_metrics: list | None = None):
     """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, timing and RAM metrics, and retrieval accuracy
-    for strategies that expose a router (none for the others)."""
+    for strategies that expose a router (none for the others); ``extra_metrics`` come last."""
     from avalanche.evaluation.metrics import (
         accuracy_metrics,
         bwt_metrics,
@@ -127,6 +127,7 @@ def make_evaluator(loggers: list):
         timing_metrics(epoch=True, experience=True),
         ram_usage_metrics(every=0.5, experience=True),
         *retrieval_metrics(),
+        *(extra_metrics or []),
         loggers=loggers,
     )
 
@@ -167,8 +168,16 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
     model = BACKBONES.get(plan.model).build(plan.model_options, benchmark, plan.seed)
     seed_everything(plan.seed)
     loggers, files = _make_loggers(plan.loggers, run_dir)
+    analysis_plugins = []
+    if plan.analysis is not None:
+        from .analysis import analysis_plugins as make_analysis_plugins
+
+        bspec = BENCHMARKS.get(plan.benchmark)
+        held_out = (bspec.held_out(plan.benchmark_options, plan.seed, list(plan.analysis.held_out_domains),
+                                   plan.analysis.held_out_samples) if plan.analysis.held_out_domains else None)
+        analysis_plugins = make_analysis_plugins(plan.analysis, benchmark, held_out, plan.seed)
     try:
-        evaluator = make_evaluator(loggers)
+        evaluator = make_evaluator(loggers, analysis_plugins)
         ctx = BuildContext(model=model, benchmark=benchmark, train=plan.train, evaluator=evaluator,
                            device=torch.device(plan.device), seed=plan.seed)
         spec = METHODS.get(plan.method)
@@ -199,6 +208,11 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
             f.close()
     avalanche_metrics = {k: float(v) for k, v in last.items()
                          if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    extra = {}
+    if analysis_plugins:
+        from .analysis import analysis_record
+
+        extra["analysis"] = analysis_record(analysis_plugins)
     return {
         "run_id": plan.run_id,
         "status": "complete",
@@ -221,4 +235,5 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         "versions": package_versions(),
         "argv": sys.argv,
         "benchmark_info": benchmark.info,
+        **extra,
     }
