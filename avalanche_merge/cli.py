@@ -1,4 +1,4 @@
-"""The ``avalanche-merge`` command: ``list``, ``run CONFIG``, ``bench`` and ``pretrain``."""
+"""The ``avalanche-merge`` command: ``list``, ``run CONFIG``, ``bench``, ``pretrain`` and ``report RESULTS_DIR``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,23 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.report import generate_report
+
+    results_dir = Path(args.results_dir)
+    if not results_dir.is_dir():
+        print(f"avalanche-merge: no such results folder: {results_dir}", file=sys.stderr)
+        return 2
+    try:
+        info = generate_report(results_dir, args.out, progress=not args.quiet)
+    except FileNotFoundError as exc:
+        print(f"avalanche-merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {info['report']} ({info['runs']} runs, {len(info['rows'])} rows, {len(info['plots'])} plots "
+          f"under {info['report'].parent / 'plots'}); table: {info['csv']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avalanche-merge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--epochs", type=int, default=40)
     pre.add_argument("--cache-dir", default=None)
     pre.set_defaults(func=_cmd_pretrain)
+
+    rep = sub.add_parser("report", help="tables, correlations and plots of an experiment's stored runs")
+    rep.add_argument("results_dir", help="results folder of an experiment (with runs/<run_id>/result.json)")
+    rep.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/report)")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 
