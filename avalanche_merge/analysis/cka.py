@@ -170,6 +170,9 @@ def layer_features(model: nn.Module, inputs: torch.Tensor | Sequence[Any], layer
         device: where to run (default: the model's parameters' device).
         forward: ``forward(model, x, *rest)``; default ``model(x)``.
 
+    A module that runs several times in one forward pass contributes its last call (a routed model first embeds
+    the input with its adapters off, then runs the routed pass through the same blocks).
+
     Raises:
         ValueError: an unknown layer name (the message lists some valid ones) or a layer that never ran.
     """
@@ -184,9 +187,11 @@ def layer_features(model: nn.Module, inputs: torch.Tensor | Sequence[Any], layer
     batches = list(torch.split(inputs, batch_size)) if isinstance(inputs, torch.Tensor) else list(inputs)
     out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
+    last: dict[str, torch.Tensor] = {}
+
     def hook(name: str):
         def fn(_module, _inp, output):
-            out[name].append(pool_output(output, pool).float().cpu())
+            last[name] = pool_output(output, pool).float().cpu()  # several calls per pass: the last one counts
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
@@ -198,7 +203,10 @@ def layer_features(model: nn.Module, inputs: torch.Tensor | Sequence[Any], layer
                 x, *rest = batch if isinstance(batch, (tuple, list)) else (batch,)
                 x = x.to(device)
                 rest = [r.to(device) if isinstance(r, torch.Tensor) else r for r in rest]
+                last.clear()
                 forward(model, x, *rest) if forward is not None else model(x)
+                for name, value in last.items():
+                    out[name].append(value)
     finally:
         for h in handles:
             h.remove()
@@ -210,8 +218,9 @@ def layer_features(model: nn.Module, inputs: torch.Tensor | Sequence[Any], layer
     n_inputs = sum(len(b[0] if isinstance(b, (tuple, list)) else b) for b in batches)
     for name, f in feats.items():
         if f.shape[0] != n_inputs:
-            raise ValueError(f"layer {name!r} ran {f.shape[0] // max(n_inputs, 1)} times per forward pass; probe a "
-                             f"module that runs once")
+            raise ValueError(f"layer {name!r} gave {f.shape[0]} rows for {n_inputs} inputs: its last call in a "
+                             f"forward pass saw part of the batch (a routed model runs each task's inputs "
+                             f"separately); probe a layer that sees the whole batch")
     return feats
 
 

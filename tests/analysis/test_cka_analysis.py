@@ -280,5 +280,20 @@ def test_layer_features_errors():
         def forward(self, b):
             return self.lin(self.lin(b))
 
-    with pytest.raises(ValueError, match="runs once"):
-        layer_features(Twice(), torch.randn(5, 3), ["lin"])
+    twice = Twice()
+    b = torch.randn(5, 3)
+    feats = layer_features(twice, b, ["lin"], batch_size=2)["lin"]  # a module called twice: its last call counts
+    torch.testing.assert_close(feats, twice(b).detach())
+
+
+def test_layer_features_refuses_a_layer_that_sees_part_of_the_batch():
+    class Halves(nn.Module):  # like a routed model: the block runs on each half separately
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, b):
+            return torch.cat([self.lin(b[:2]), self.lin(b[2:])])
+
+    with pytest.raises(ValueError, match="part of the batch"):
+        layer_features(Halves(), torch.randn(5, 3), ["lin"])
