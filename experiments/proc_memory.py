@@ -66,6 +66,24 @@ def peak_record(device: str, rss0: int | None, reset_ok: bool) -> dict:
             "peak_method": "VmHWM - VmRSS after model build" if reset_ok else "peak RSS increase (no reset)"}
 
 
+def add_worker_arguments(parser, *, tasks: int, methods_help: str) -> None:
+    """The options shared by the step-time scripts: TinyViT size, batch, tasks, timed steps, threads, device,
+    methods, output file and the hidden ``--worker`` that :func:`run_workers` passes."""
+    import argparse
+
+    parser.add_argument("--dim", type=int, default=192)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tasks", type=int, default=tasks)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default=None, help=methods_help)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
 def run_workers(script: str, methods: list[str], args) -> list[dict]:
     """Run ``script --worker <method>`` with ``args`` for each method in a fresh process; its last stdout line is
     the JSON row (a failure becomes ``{"method", "error"}``). Rows are printed as they come."""

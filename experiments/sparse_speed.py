@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lora_speed import batches, build, sync
-from proc_memory import peak_record, reset_peak_rss, rss_bytes, run_workers, trim_heap
+from proc_memory import add_worker_arguments, peak_record, reset_peak_rss, rss_bytes, run_workers, trim_heap
 
 REFERENCES = ("dense", "full_finetune")
 
@@ -126,19 +126,9 @@ def worker(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
+    add_worker_arguments(parser, tasks=2, methods_help="comma-separated sparse learners (default: all registered)")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--criterion", default="gradient")
-    parser.add_argument("--tasks", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default=None, help="comma-separated sparse learners (default: all registered)")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))

@@ -236,8 +236,8 @@ def geometry_report(snapshots: Sequence[Mapping[str, torch.Tensor]], *, density:
 
     return {
         "names": names, "matrices": mats, "density": density, "energy": energy,
-        "step_norms": [[tv.norms()[n] for n in names] for tv in steps],
-        "cumulative_norms": [[tv.norms()[n] for n in names] for tv in cumulative],
+        "step_norms": [list(tv.norms().values()) for tv in steps],  # in ``names`` order: the vectors' own order
+        "cumulative_norms": [list(tv.norms().values()) for tv in cumulative],
         "step_total_norm": [tv.norm() for tv in steps],
         "cumulative_total_norm": [tv.norm() for tv in cumulative],
         "step_cosine": rows(step_cos), "cumulative_cosine": rows(cosine_matrix(cumulative)),

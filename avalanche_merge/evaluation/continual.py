@@ -39,7 +39,7 @@ from .matrix import (
     forgetting,
     forward_transfer,
 )
-from .probes import probe_tensors
+from .probes import fixed_indices, probe_tensors
 
 
 class ContinualMetricsPluginMetric(PluginMetric[dict]):
@@ -61,8 +61,6 @@ class ContinualMetricsPluginMetric(PluginMetric[dict]):
         self.held_out_samples, self.seed, self.batch_size = held_out_samples, seed, batch_size
         self._held_tensors: dict[str, tuple[torch.Tensor, ...]] | None = None
         if self.held_out:
-            from .probes import fixed_indices
-
             fixed_indices(1, held_out_samples, seed)  # validates held_out_samples
         self.reset()
 

@@ -29,7 +29,7 @@ from avalanche.evaluation.metric_results import MetricResult, MetricValue
 from avalanche.evaluation.metric_utils import default_metric_name_template, generic_get_metric_name
 
 from ..analysis.cka import POOLS, find_blocks, layer_features, linear_cka, svcca
-from .probes import fixed_indices, probe_tensors
+from .probes import probe_tensors
 
 
 def _name(metric: str) -> str:
@@ -69,7 +69,6 @@ class RepresentationDriftPluginMetric(PluginMetric[dict]):
             raise ValueError(f"probe_samples must be an int >= 4, got {probe_samples!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        fixed_indices(1, probe_samples, seed)
         self.layers = list(layers) if layers is not None else None
         self.probe_samples, self.seed, self.pool = probe_samples, seed, pool
         self.with_svcca, self.batch_size = with_svcca, batch_size
