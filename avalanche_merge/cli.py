@@ -29,7 +29,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("methods:")
     for name in METHODS.names():
         spec = METHODS.get(name)
-        tags = [spec.kind, spec.family] + ([] if spec.in_bench else ["not in bench"])
+        protocol = spec.protocol + ("+prototypes" if spec.prototypes else "")
+        tags = [spec.kind, spec.family, f"protocol: {protocol}"] + ([] if spec.in_bench else ["not in bench"])
         print(f"  {name:<16} [{', '.join(tags)}] {spec.description}")
     return 0
 

@@ -31,7 +31,7 @@ def test_run_writes_summary_and_prints_table(tmp_path, capsys):
     path.write_text(json.dumps(tiny_experiment(["naive"])))
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "| split_digits | naive | 1 |" in out
+    assert "| split_digits | naive | shared | 1 |" in out
     assert (tmp_path / "out" / "summary.md").is_file()
 
 

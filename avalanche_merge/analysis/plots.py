@@ -44,6 +44,15 @@ def plot_accuracy_matrix(matrix, path: Path, *, title: str = "", experience_name
     return path
 
 
+def _line_styles(n: int) -> list[tuple]:
+    """``n`` distinct (colour, dash, marker) triples: tab10 colours, then new dashes and markers."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
+    dashes, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+    return [(colors[i % 10], dashes[(i // 10) % 4], markers[(i // 10) % 4]) for i in range(n)]
+
+
 def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") -> Path:
     """Mean accuracy on the experiences seen so far, and on all experiences, after each training experience.
 
@@ -61,7 +70,8 @@ def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") ->
     pretrained = [np.mean(r["pretrained_accuracy"]) for r in results if r.get("pretrained_accuracy")]
     if pretrained and all(r["scenario_type"] != "class_incremental" for r in results):
         axes[1].axhline(100 * np.mean(pretrained), ls=":", lw=1.2, color="black", label="pretrained (no training)")
-    for label, runs in by_method.items():
+    styles = _line_styles(len(by_method))
+    for (label, runs), (color, dash, marker) in zip(by_method.items(), styles, strict=True):
         mats = [np.asarray(r["accuracy_matrix"], dtype=float) for r in runs]
         if mats[0].shape[0] == 1:
             final = 100 * np.mean([m.mean() for m in mats])
@@ -72,8 +82,8 @@ def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") ->
         overall = 100 * np.array([m.mean(axis=1) for m in mats])
         for ax, curves in ((axes[0], seen), (axes[1], overall)):
             mean, std = curves.mean(0), curves.std(0)
-            (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.plot(x, mean, marker=marker, ms=3, ls=dash, color=color, label=label)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.08 if len(by_method) > 8 else 0.15)
     axes[0].set_title("accuracy on experiences seen so far", fontsize=9)
     axes[1].set_title("accuracy on all experiences", fontsize=9)
     for ax in axes:
@@ -81,11 +91,14 @@ def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") ->
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=7, loc="best")
+    handles, labels = axes[1].get_legend_handles_labels()
+    columns = 1 if len(labels) <= 16 else 2
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95), ncol=columns,
+               frameon=False)  # outside the axes: it never hides a curve
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

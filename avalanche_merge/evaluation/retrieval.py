@@ -65,19 +65,20 @@ def _name(metric: str, strategy: Any, experience: int | None) -> str:
                                     "experience_id": experience, "task_label": None})
 
 
-class RetrievalAccuracyPluginMetric(PluginMetric[float]):
-    """Retrieval accuracy of the strategy's router per evaluated experience and per stream.
+class CountingPluginMetric(PluginMetric[float]):
+    """A fraction of evaluated samples, per evaluated experience (``<name>_Exp``) and per stream
+    (``<name>_Stream``); subclasses say, per mini-batch, how many samples count and how many were seen."""
 
-    Args:
-        true_task: ``true_task(strategy) -> int``, the task of the experience being evaluated (default: its
-            ``current_experience`` index).
-    """
+    metric_name = "Counting"
 
-    def __init__(self, *, true_task: Callable[[Any], int] | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.true_task = true_task or (lambda strategy: strategy.experience.current_experience)
-        self._exp = RetrievalAccuracy()
+        self._exp = RetrievalAccuracy()  # a running correct / total counter
         self._stream = RetrievalAccuracy()
+
+    def count(self, strategy: Any) -> tuple[int, int] | None:
+        """``(correct, total)`` of the current mini-batch, or None when the strategy has nothing to measure."""
+        raise NotImplementedError
 
     def reset(self) -> None:
         self._exp.reset()
@@ -95,6 +96,44 @@ class RetrievalAccuracyPluginMetric(PluginMetric[float]):
         return None
 
     def after_eval_iteration(self, strategy: Any) -> MetricResult:
+        counted = self.count(strategy)
+        if counted is not None:
+            for counter in (self._exp, self._stream):
+                counter.correct += counted[0]
+                counter.total += counted[1]
+        return None
+
+    def after_eval_exp(self, strategy: Any) -> MetricResult:
+        if not self._exp.total:
+            return None
+        name = _name(f"{self.metric_name}_Exp", strategy, strategy.experience.current_experience)
+        return [MetricValue(self, name, self._exp.result(), strategy.clock.train_iterations)]
+
+    def after_eval(self, strategy: Any) -> MetricResult:
+        if not self._stream.total:
+            return None
+        return [MetricValue(self, _name(f"{self.metric_name}_Stream", strategy, None), self._stream.result(),
+                            strategy.clock.train_iterations)]
+
+    def __str__(self) -> str:
+        return self.metric_name
+
+
+class RetrievalAccuracyPluginMetric(CountingPluginMetric):
+    """Retrieval accuracy of the strategy's router per evaluated experience and per stream.
+
+    Args:
+        true_task: ``true_task(strategy) -> int``, the task of the experience being evaluated (default: its
+            ``current_experience`` index).
+    """
+
+    metric_name = "RetrievalAcc"
+
+    def __init__(self, *, true_task: Callable[[Any], int] | None = None) -> None:
+        super().__init__()
+        self.true_task = true_task or (lambda strategy: strategy.experience.current_experience)
+
+    def count(self, strategy: Any) -> tuple[int, int] | None:
         router = find_router(strategy)
         if router is None:
             return None
@@ -102,26 +141,10 @@ class RetrievalAccuracyPluginMetric(PluginMetric[float]):
         if routed is None or len(routed) != len(strategy.mb_x):
             with torch.no_grad():
                 routed = router.route(strategy.mb_x)
-        routed = torch.as_tensor(routed).detach().cpu()
-        true = self.true_task(strategy)
-        self._exp.update(routed, true)
-        self._stream.update(routed, true)
-        return None
-
-    def after_eval_exp(self, strategy: Any) -> MetricResult:
-        if not self._exp.total:
+        routed = torch.as_tensor(routed).detach().cpu().flatten()
+        if not routed.numel():
             return None
-        name = _name("RetrievalAcc_Exp", strategy, strategy.experience.current_experience)
-        return [MetricValue(self, name, self._exp.result(), strategy.clock.train_iterations)]
-
-    def after_eval(self, strategy: Any) -> MetricResult:
-        if not self._stream.total:
-            return None
-        return [MetricValue(self, _name("RetrievalAcc_Stream", strategy, None), self._stream.result(),
-                            strategy.clock.train_iterations)]
-
-    def __str__(self) -> str:
-        return "RetrievalAcc"
+        return round(retrieval_accuracy(routed, self.true_task(strategy)) * routed.numel()), routed.numel()
 
 
 def retrieval_metrics(*, true_task: Callable[[Any], int] | None = None) -> list[PluginMetric]:

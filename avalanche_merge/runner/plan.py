@@ -33,11 +33,19 @@ class BenchmarkEntry:
 
 @dataclass
 class MethodEntry:
-    """A method of the experiment: registry name, its options and a label (defaults to the name)."""
+    """A method of the experiment: registry name, its options, a label and a head protocol.
+
+    ``protocol`` overrides the method's declared (paper) head protocol for ablations (``shared``, ``masked``,
+    ``per_task``, ``frozen``; see :mod:`avalanche_merge.protocol`); ``prototypes`` (with ``per_task``) evaluates
+    by class-mean prototypes, default: the method's declaration. The label defaults to the name, with
+    ``-<protocol>`` appended when the protocol is overridden, so that ablations get their own rows.
+    """
 
     name: str
     options: dict = field(default_factory=dict)
     label: str | None = None
+    protocol: str | None = None
+    prototypes: bool | None = None
 
 
 @dataclass
@@ -111,9 +119,14 @@ class RunPlan:
     device: str
     eval_pretrained: bool
     analysis: AnalysisConfig | None = None
+    protocol: str = "shared"
+    prototypes: bool = False
 
     def describe(self) -> dict:
-        """The JSON-ready config of this run (what its hash covers; ``analysis`` only when present)."""
+        """The JSON-ready config of this run (what its hash covers; ``analysis`` only when present, the head
+        protocol only when it is ``masked``, ``per_task`` or ``frozen``, so that runs stored before protocols
+        existed keep their identity: they were ``shared``, or ``prototype`` / ``routed`` methods that own their
+        classifier)."""
         out = {
             "benchmark": self.benchmark, "benchmark_options": dataclasses.asdict(self.benchmark_options),
             "method": self.method, "label": self.label, "method_options": dataclasses.asdict(self.method_options),
@@ -123,6 +136,9 @@ class RunPlan:
         }
         if self.analysis is not None:
             out["analysis"] = describe_analysis(self.analysis)
+        if self.protocol in ("masked", "per_task", "frozen"):  # shared, prototype, routed: nothing was chosen
+            out["protocol"] = self.protocol
+            out["prototypes"] = self.prototypes
         return out
 
     @property
@@ -173,7 +189,7 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
     except ValueError as exc:
         raise ConfigError(f"model.name: {exc}") from None
     model_options = from_dict(model_spec.config_cls, config.model.options, where="model.options")
-    labels = [m.label or m.name for m in config.methods]
+    labels = [m.label or (m.name if m.protocol is None else f"{m.name}-{m.protocol}") for m in config.methods]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ConfigError(f"methods: label {dupes[0]!r} is used twice; give each entry a distinct 'label'")
@@ -195,18 +211,65 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
         train = from_dict(TrainConfig, {**dataclasses.asdict(config.train), **bentry.train},
                           where=f"benchmarks[{i}].train")
         scenario = bspec.scenario_type(boptions)
+        n_exp = planned_experiences(boptions)
         if config.analysis is not None and config.analysis.held_out_domains:
             _check_held_out(bentry.name, bspec, boptions, config.analysis.held_out_domains, i)
-        for spec, moptions, label in methods:
+        for j, (spec, moptions, label) in enumerate(methods):
+            entry = config.methods[j]
             try:
                 spec.check_compatible(bentry.name, scenario)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+                protocol = spec.resolve_protocol(entry.protocol, scenario, bentry.name,
+                                                 classes_repeat=bspec.scenario == "domain_incremental")
+                run_model_options = head_for_protocol(protocol, config.model.name, model_options, bspec)
+                check_schedule(spec.name, moptions, n_exp, bentry.name)
+                if callable(getattr(moptions, "check_protocol", None)):  # options that need a given protocol
+                    moptions.check_protocol(protocol)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"methods[{j}] ({label}) on benchmarks[{i}] ({bentry.name}): {exc}") from None
+            prototypes = spec.prototypes if entry.prototypes is None else bool(entry.prototypes)
+            if prototypes and protocol != "per_task":
+                if entry.prototypes:
+                    raise ConfigError(f"methods[{j}].prototypes: needs protocol 'per_task', got {protocol!r}")
+                prototypes = False
             for seed in config.seeds:
                 runs.append(RunPlan(bentry.name, boptions, spec.name, label, moptions, config.model.name,
-                                    model_options, train, seed, tuple(config.loggers), config.device,
-                                    config.eval_pretrained, config.analysis))
+                                    run_model_options, train, seed, tuple(config.loggers), config.device,
+                                    config.eval_pretrained, config.analysis, protocol, prototypes))
     return runs
+
+
+def planned_experiences(options: Any) -> int | None:
+    """The number of experiences a benchmark config will have, when its options tell (else None)."""
+    n = getattr(options, "n_experiences", None)
+    if isinstance(n, int):
+        return n
+    domains = getattr(options, "domains", None)
+    return len(domains) if isinstance(domains, (list, tuple)) else None
+
+
+def check_schedule(method: str, options: Any, n_experiences: int | None, benchmark: str) -> None:
+    """Refuse a method schedule (``total_tasks``) shorter than the stream."""
+    total = getattr(options, "total_tasks", None)
+    if isinstance(total, int) and n_experiences is not None and total < n_experiences:
+        raise ValueError(f"total_tasks={total} is smaller than the {n_experiences} experiences of {benchmark!r}: "
+                         f"the threshold schedule of {method!r} would end before the stream does (omit it to "
+                         f"take it from the stream)")
+
+
+def head_for_protocol(protocol: str, model: str, options: Any, bspec: Any) -> Any:
+    """Model options for a run under ``protocol``: ``frozen`` needs the pretrained head.
+
+    A ``tiny_vit`` with ``head: "auto"`` keeps its pretrained digit head under ``frozen`` (the analogue of a CLIP
+    zero-shot head); an explicit ``"reset"`` head, or no pretrained weights, cannot be frozen meaningfully.
+    """
+    if protocol != "frozen" or model != "tiny_vit":
+        return options
+    if not (options.pretrained or options.checkpoint):
+        raise ValueError("protocol 'frozen' keeps the pretrained head, but model.options.pretrained is false")
+    if options.head == "reset":
+        raise ValueError("protocol 'frozen' keeps the pretrained head, but model.options.head is 'reset' (a random "
+                         "head would never be trained); use head 'auto' or 'pretrained'")
+    return dataclasses.replace(options, head="pretrained") if options.head == "auto" else options
 
 
 def _check_held_out(name: str, spec: Any, options: Any, domains: list[str], i: int) -> None:

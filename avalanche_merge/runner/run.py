@@ -107,8 +107,9 @@ def _make_loggers(names: tuple[str, ...], run_dir: Path):
 
 
 def make_evaluator(loggers: list, extra_metrics: list | None = None):
-    """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, timing and RAM metrics, and retrieval accuracy
-    for strategies that expose a router (none for the others); ``extra_metrics`` come last."""
+    """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, timing and RAM metrics, within-task accuracy
+    (argmax over the sample's own experience's classes), and retrieval accuracy for strategies that expose a
+    router (none for the others); ``extra_metrics`` come last."""
     from avalanche.evaluation.metrics import (
         accuracy_metrics,
         bwt_metrics,
@@ -119,6 +120,7 @@ def make_evaluator(loggers: list, extra_metrics: list | None = None):
     from avalanche.training.plugins import EvaluationPlugin
 
     from ..evaluation.retrieval import retrieval_metrics
+    from ..evaluation.within_task import within_task_metrics
 
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
@@ -127,6 +129,7 @@ def make_evaluator(loggers: list, extra_metrics: list | None = None):
         timing_metrics(epoch=True, experience=True),
         ram_usage_metrics(every=0.5, experience=True),
         *retrieval_metrics(),
+        *within_task_metrics(),
         *(extra_metrics or []),
         loggers=loggers,
     )
@@ -178,8 +181,13 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         analysis_plugins = make_analysis_plugins(plan.analysis, benchmark, held_out, plan.seed)
     try:
         evaluator = make_evaluator(loggers, analysis_plugins)
+        protocol_plugins = []
+        if plan.protocol in ("masked", "per_task", "frozen"):
+            from ..plugins.protocol import HeadProtocolPlugin
+
+            protocol_plugins.append(HeadProtocolPlugin(protocol=plan.protocol, prototypes=plan.prototypes))
         ctx = BuildContext(model=model, benchmark=benchmark, train=plan.train, evaluator=evaluator,
-                           device=torch.device(plan.device), seed=plan.seed)
+                           plugins=protocol_plugins, device=torch.device(plan.device), seed=plan.seed)
         spec = METHODS.get(plan.method)
         strategy = spec.build(ctx, plan.method_options)
         n = benchmark.n_experiences
@@ -219,6 +227,7 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         "benchmark": plan.benchmark,
         "method": plan.method,
         "label": plan.label,
+        "protocol": plan.protocol,
         "seed": plan.seed,
         "config": plan.describe(),
         "config_hash": plan.config_hash,

@@ -17,10 +17,11 @@ import numpy as np
 from ..atomic import atomic_path
 
 VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
-           "peak_rss_mb", "retrieval_acc")
+           "peak_rss_mb", "retrieval_acc", "within_task_acc")
 CONSTANT = ("trainable_params", "n_experiences")
-PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "retrieval_acc")
+PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "retrieval_acc", "within_task_acc")
 RETRIEVAL_KEY = "RetrievalAcc_Stream/eval_phase/test_stream"  # after the last experience, over the whole stream
+WITHIN_TASK_KEY = "WithinTaskAcc_Stream/eval_phase/test_stream"
 
 
 def _run_values(result: dict) -> dict:
@@ -33,7 +34,24 @@ def _run_values(result: dict) -> dict:
         "peak_rss_mb": result["peak_rss_mb"], "trainable_params": result["trainable_params"],
         "n_experiences": len(result["accuracy_matrix"][0]),
         "retrieval_acc": (result.get("avalanche_metrics") or {}).get(RETRIEVAL_KEY),
+        # class-incremental only: with every class in every experience it is the ordinary accuracy
+        "within_task_acc": ((result.get("avalanche_metrics") or {}).get(WITHIN_TASK_KEY)
+                            if result.get("scenario_type") == "class_incremental" else None),
     }
+
+
+def run_protocol(result: dict) -> str:
+    """The head protocol a stored run used. Runs stored before protocols existed trained one shared head, or, for
+    methods that own their classifier (``prototype``, ``routed``), that method's own."""
+    protocol = result.get("protocol") or (result.get("config") or {}).get("protocol")
+    if protocol is None:
+        from ..strategies import METHODS
+
+        declared = METHODS.get(result["method"]).protocol if result.get("method") in METHODS else "shared"
+        protocol = declared if declared in ("prototype", "routed") else "shared"
+    if (result.get("config") or {}).get("prototypes"):
+        protocol += "+prototypes"
+    return protocol
 
 
 def _stats(values: list) -> tuple[float, float]:
@@ -44,14 +62,14 @@ def _stats(values: list) -> tuple[float, float]:
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per (benchmark, method label), in first-seen order, with mean/std over seeds."""
-    groups: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
+    """One row per (benchmark, method label, head protocol), in first-seen order, with mean/std over seeds."""
+    groups: OrderedDict[tuple[str, str, str], list[dict]] = OrderedDict()
     for r in results:
-        groups.setdefault((r["benchmark"], r["label"]), []).append(r)
+        groups.setdefault((r["benchmark"], r["label"], run_protocol(r)), []).append(r)
     rows = []
-    for (bench, label), runs in groups.items():
+    for (bench, label, protocol), runs in groups.items():
         values = [_run_values(r) for r in runs]
-        row = {"benchmark": bench, "method": label, "n_seeds": len(runs),
+        row = {"benchmark": bench, "method": label, "protocol": protocol, "n_seeds": len(runs),
                "seeds": " ".join(str(r["seed"]) for r in runs)}
         for key in VARYING:
             row[f"{key}_mean"], row[f"{key}_std"] = _stats([v[key] for v in values])
@@ -98,12 +116,15 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table (mean ± std over seeds; accuracies in %)."""
     keys = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "peak_rss_mb",
             "trainable_params")
+    if any(not math.isnan(row.get("within_task_acc_mean", math.nan)) for row in rows):
+        keys = keys[:4] + ("within_task_acc",) + keys[4:]  # only tables with a class-incremental benchmark
     if any(not math.isnan(row.get("retrieval_acc_mean", math.nan)) for row in rows):
         keys = keys[:4] + ("retrieval_acc",) + keys[4:]  # only tables with a retrieval-routed method
-    header = ["benchmark", "method", "seeds"] + list(keys)
+    header = ["benchmark", "method", "protocol", "seeds"] + list(keys)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["benchmark"], row["method"], str(row["n_seeds"])] + [_fmt(row, k) for k in keys]
+        cells = [row["benchmark"], row["method"], row.get("protocol", "shared"), str(row["n_seeds"])]
+        cells += [_fmt(row, k) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -167,7 +167,7 @@ class SLDAConfig:
         check_range("shrinkage", self.shrinkage, 0.0, None, low_open=True)
 
 
-@register_method("slda", config_cls=SLDAConfig, pretrained_eval=False,
+@register_method("slda", config_cls=SLDAConfig, pretrained_eval=False, protocol="prototype",
                  description="Deep Streaming LDA on frozen pretrained features (prototype baseline)")
 def build_slda(ctx: BuildContext, cfg: SLDAConfig):
     from avalanche.training import StreamingLDA

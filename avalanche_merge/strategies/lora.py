@@ -39,8 +39,20 @@ class LoRAStrategy(SupervisedTemplate):
         restrict_optimizer(self, [p for p in self.model.parameters() if p.requires_grad])
 
 
+# The head protocol of each learner's paper (avalanche_merge.protocol; docs/fidelity.md has the sources):
+# InfLoRA trains one linear head per task on its classes and concatenates them (classifier_pool); SD-LoRA
+# trains one growing head on logits[:, known:]; CL-LoRA trains a per-task proxy head and predicts with class-mean
+# prototypes; GPM's paper is multi-head (task-incremental), run here as InfLoRA runs it without task labels;
+# O-LoRA's paper has no classifier (a seq2seq LM) and plain LoRA is SD-LoRA's and InfLoRA's sequential
+# baseline: both get the masked protocol of the rehearsal-free PEFT methods.
+PAPER_PROTOCOLS = {"lora": ("masked", False), "olora": ("masked", False), "inflora": ("per_task", False),
+                   "sdlora": ("masked", False), "cllora": ("per_task", True), "gpm_lora": ("per_task", False),
+                   "gpm": ("per_task", False)}
+
+
 def _register(name: str) -> None:
     learner = LEARNERS.get(name)
+    protocol, prototypes = PAPER_PROTOCOLS.get(name, ("shared", False))
 
     def build(ctx: BuildContext, cfg) -> LoRAStrategy:
         options = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
@@ -48,7 +60,8 @@ def _register(name: str) -> None:
                             **ctx.strategy_kwargs())
 
     doc = (learner.__doc__ or name).strip().splitlines()[0].rstrip(".")
-    register_method(name, config_cls=learner.config_cls, family="lora", description=doc)(build)
+    register_method(name, config_cls=learner.config_cls, family="lora", description=doc, protocol=protocol,
+                    prototypes=prototypes)(build)
 
 
 for _name in LEARNERS.names():

@@ -81,7 +81,10 @@ def _register(method: str, merger: str, start: str, description: str, **options:
                                 merger_options=cfg.merger_options(), start=cfg.start, head_mode=cfg.head_mode,
                                 **ctx.strategy_kwargs())
 
-    register_method(method, config_cls=config_cls, family="merging", description=description)(build)
+    # OPCM (Tang et al. 2025) and MagMax (Marczak et al. 2024) merge CLIP image towers under frozen zero-shot heads
+    # per_task is refused: MergePlugin's head modes need one nn.Linear head (class rows, merge or last)
+    register_method(method, config_cls=config_cls, family="merging", description=description,
+                    protocol="frozen", protocols=("frozen", "shared", "masked"))(build)
 
 
 _register("opcm", "opcm", "pretrained", "OPCM: orthogonal-projection continual merging (Tang et al. 2025)",

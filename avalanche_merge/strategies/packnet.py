@@ -148,7 +148,7 @@ class PackNetConfig:
             raise ValueError(f"post_prune_epochs must be an int >= 1, got {self.post_prune_epochs!r}")
 
 
-@register_method("packnet", config_cls=PackNetConfig, needs_task_labels=True,
+@register_method("packnet", config_cls=PackNetConfig, needs_task_labels=True, protocols=("shared",),
                  in_bench=False,
                  description="PackNet iterative pruning (Mallya & Lazebnik 2018, Avalanche); task-incremental only: "
                              "needs task labels at test time")

@@ -99,6 +99,7 @@ def _build(ctx: BuildContext, core, streaming: bool) -> FrozenFeatureClassifier:
 
 
 @register_method("ncm", config_cls=NCMConfig, family="retrieval", pretrained_eval=False,
+                 protocol="prototype",
                  description="nearest class mean on frozen pretrained features (prototype baseline)")
 def build_ncm(ctx: BuildContext, cfg: NCMConfig):
     core = NearestClassMean(ctx.model.feature_dim, ctx.benchmark.num_classes, cfg)
@@ -106,6 +107,7 @@ def build_ncm(ctx: BuildContext, cfg: NCMConfig):
 
 
 @register_method("ranpac", config_cls=RanPACConfig, family="retrieval", pretrained_eval=False,
+                 protocol="prototype",
                  description="RanPAC: random projection + ridge classifier on frozen features (McDonnell et al. "
                              "2023)")
 def build_ranpac(ctx: BuildContext, cfg: RanPACConfig):

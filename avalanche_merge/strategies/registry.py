@@ -23,6 +23,7 @@ from torch import nn
 
 from ..benchmarks.base import SCENARIO_TYPES
 from ..config import check_range
+from ..protocol import CHOOSABLE, check_protocol
 from ..registry import Registry
 
 
@@ -132,6 +133,10 @@ class MethodSpec:
         in_bench: include the method in ``avalanche-merge bench``.
         pretrained_eval: evaluating the strategy before training measures the pretrained model (False for
             methods whose predictor only exists after training, e.g. SLDA's class means).
+        protocol: the head protocol of the method's paper (:mod:`avalanche_merge.protocol`), its default.
+        protocols: the protocols a config may choose for it (``()`` when the method owns its classifier:
+            ``prototype`` and ``routed`` methods).
+        prototypes: with ``per_task``, evaluate by class-mean prototypes (CL-LoRA).
     """
 
     name: str
@@ -145,6 +150,51 @@ class MethodSpec:
     trains_once: bool = False
     in_bench: bool = True
     pretrained_eval: bool = True
+    protocol: str = "shared"
+    protocols: tuple[str, ...] = CHOOSABLE
+    prototypes: bool = False
+
+    def resolve_protocol(self, override: str | None, scenario_type: str, benchmark_name: str,
+                         classes_repeat: bool | None = None) -> str:
+        """The protocol of a run: ``override`` if given (checked against :attr:`protocols`), else the paper's.
+
+        A declared ``per_task`` protocol becomes ``masked`` on a benchmark whose experiences share classes
+        (domain-incremental, with or without task labels): every experience then trains every class, so the
+        paper's per-task head over the task's classes is one head over all classes. An explicit ``per_task``
+        there is an error.
+
+        Args:
+            override: the config's protocol, or None for the method's declared one.
+            scenario_type: the benchmark's scenario type.
+            benchmark_name: for messages.
+            classes_repeat: whether experiences share classes (default: ``scenario_type`` is domain-incremental).
+
+        Raises:
+            TypeError, ValueError: an unknown protocol, one the method cannot run, or ``per_task`` without
+                disjoint task boundaries (a method that trains once, or experiences that share classes).
+        """
+        if classes_repeat is None:
+            classes_repeat = scenario_type == "domain_incremental"
+        if override is None:
+            protocol = self.protocol
+            if protocol == "per_task" and classes_repeat:
+                protocol = "masked"
+        else:
+            check_protocol(override)
+            if override not in self.protocols:
+                allowed = list(self.protocols) or [self.protocol]
+                raise ValueError(f"method {self.name!r} cannot run under protocol {override!r}; it supports "
+                                 f"{allowed}")
+            protocol = override
+        if protocol == "per_task":
+            if self.trains_once:
+                raise ValueError(f"protocol 'per_task' needs task boundaries; method {self.name!r} trains once on "
+                                 f"the whole stream (use 'shared', 'masked' or 'frozen')")
+            if classes_repeat:
+                raise ValueError(f"protocol 'per_task' needs disjoint classes per experience; the experiences of "
+                                 f"{benchmark_name!r} share classes (domain-incremental): use 'masked', 'shared' "
+                                 f"or 'frozen'")
+        return protocol
 
     def check_compatible(self, benchmark_name: str, scenario_type: str) -> None:
         """Raise ``ValueError`` if the method cannot run on a benchmark of ``scenario_type``."""
@@ -167,17 +217,32 @@ class NoOptions:
 def register_method(name: str, *, config_cls: type = NoOptions, description: str, kind: str = "strategy",
                     family: str = "baseline", scenarios: tuple[str, ...] = SCENARIO_TYPES,
                     needs_task_labels: bool = False, trains_once: bool = False, in_bench: bool = True,
-                    pretrained_eval: bool = True) -> Callable:
-    """Decorator registering ``build(ctx, config) -> SupervisedTemplate`` as method ``name``."""
+                    pretrained_eval: bool = True, protocol: str = "shared",
+                    protocols: tuple[str, ...] | None = None, prototypes: bool = False) -> Callable:
+    """Decorator registering ``build(ctx, config) -> SupervisedTemplate`` as method ``name``.
+
+    ``protocol`` is the head protocol of the method's paper; ``protocols`` the ones a config may choose
+    (default: every choosable protocol when ``protocol`` is one, none for ``prototype``/``routed`` methods).
+    """
     if kind not in ("strategy", "plugin"):
         raise ValueError(f"kind must be 'strategy' or 'plugin', got {kind!r}")
+    check_protocol(protocol)
+    if protocols is None:
+        protocols = CHOOSABLE if protocol in CHOOSABLE else ()
+    for p in protocols:
+        check_protocol(p, CHOOSABLE)
+    if protocol in CHOOSABLE and protocol not in protocols:
+        raise ValueError(f"protocols {list(protocols)} must contain the default protocol {protocol!r}")
+    if trains_once and "per_task" in protocols:
+        protocols = tuple(p for p in protocols if p != "per_task")
     bad = [s for s in scenarios if s not in SCENARIO_TYPES]
     if bad or not scenarios:
         raise ValueError(f"scenarios must be a non-empty subset of {SCENARIO_TYPES}, got {scenarios}")
 
     def decorator(build: Callable) -> Callable:
         METHODS.add(name, MethodSpec(name, build, config_cls, description, kind, family, tuple(scenarios),
-                                     needs_task_labels, trains_once, in_bench, pretrained_eval))
+                                     needs_task_labels, trains_once, in_bench, pretrained_eval, protocol,
+                                     tuple(protocols), prototypes))
         return build
 
     return decorator

@@ -47,9 +47,9 @@ def _build(ctx: BuildContext, cfg: RoutedLoRAConfig) -> RoutedStrategy:
     return RoutedStrategy(model=model, optimizer=optimizer, **ctx.strategy_kwargs())
 
 
-register_method("color", config_cls=CoLoRConfig, family="retrieval",
+register_method("color", config_cls=CoLoRConfig, family="retrieval", protocol="routed",
                 description="CoLoR: a LoRA and head per task, routed by k-means prototypes of pretrained "
                             "features (Wistuba et al. 2023)")(_build)
-register_method("proteus", config_cls=ProteusConfig, family="retrieval",
+register_method("proteus", config_cls=ProteusConfig, family="retrieval", protocol="routed",
                 description="Proteus: orthogonal per-task LoRA with gated transfer, routed by DP-GMM signatures "
                             "(Le et al. 2026)")(_build)

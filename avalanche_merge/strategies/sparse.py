@@ -31,6 +31,11 @@ def _config_with_defaults(cls: type, method: str, defaults: dict[str, Any]) -> t
     return sub
 
 
+# per_task is refused for the sparse methods: their masks and ownership are decided over the model's layers when
+# an experience starts, and a per-task head added then would be masked like a backbone layer (not tested)
+SPARSE_PROTOCOLS = ("shared", "masked", "frozen")
+
+
 def register_sparse_method(method: str, learner: str, description: str, **defaults: Any) -> None:
     """Register ``method``: Avalanche's Naive + :class:`SparsePlugin` with learner ``learner``."""
     config_cls = _config_with_defaults(SPARSE_LEARNERS.get(learner).config_cls, method, defaults)
@@ -43,7 +48,8 @@ def register_sparse_method(method: str, learner: str, description: str, **defaul
         return Naive(model=ctx.model, optimizer=ctx.optimizer(), **ctx.strategy_kwargs([plugin]))
 
     if method not in METHODS.names():
-        register_method(method, config_cls=config_cls, family="sparse", description=description)(build)
+        register_method(method, config_cls=config_cls, family="sparse", description=description,
+                        protocols=SPARSE_PROTOCOLS)(build)
 
 
 register_sparse_method("sparse_grad", "masked", "sparse fine-tuning, mask by gradient magnitude (SIFT)",
@@ -74,7 +80,7 @@ def _register_sparcl() -> None:
         return Naive(model=ctx.model, optimizer=ctx.optimizer(), **ctx.strategy_kwargs([plugin]))
 
     if "sparcl" not in METHODS.names():
-        register_method("sparcl", config_cls=SparCLConfig, family="sparse",
+        register_method("sparcl", config_cls=SparCLConfig, family="sparse", protocols=SPARSE_PROTOCOLS,
                         description="SparCL: dynamic weight masks, top-k gradient masks, removal of unforgotten "
                         "examples (Wang et al., NeurIPS 2022)")(build)
 

@@ -14,6 +14,7 @@ from .registry import BuildContext, register_method
 
 
 @register_method("sparse_memory", config_cls=SparseMemoryOptions, family="sparse",
+                 protocols=("shared", "masked", "frozen"),
                  description="sparse memory fine-tuning: TF-IDF top-t rows of a product-key memory (Lin et al. 2025)")
 def build_sparse_memory(ctx: BuildContext, cfg: SparseMemoryOptions) -> Naive:
     plugin = SparseMemoryPlugin(cfg)

@@ -65,3 +65,16 @@ def test_no_router_no_value():
                      device="cpu", evaluator=EvaluationPlugin(*retrieval_metrics(), loggers=[]))
     results = strategy.eval(bench.scenario.test_stream)
     assert not any(k.startswith("RetrievalAcc") for k in results)
+
+
+def test_within_task_accuracy_restricts_the_argmax_to_the_tasks_classes():
+    from avalanche_merge.evaluation.within_task import within_task_accuracy
+
+    logits = torch.tensor([[9.0, 1.0, 2.0, 0.0],   # class 0 wins overall; within {2, 3}: 2
+                           [0.0, 8.0, 1.0, 3.0],   # within {2, 3}: 3
+                           [0.0, 0.0, 5.0, 4.0]])  # 2
+    correct, total = within_task_accuracy(logits, torch.tensor([2, 3, 3]), {2, 3})
+    assert (correct, total) == (2, 3)
+    assert within_task_accuracy(logits, torch.tensor([0, 1, 2]), [0, 1, 2, 3, 9]) == (3, 3)
+    with pytest.raises(ValueError, match=r"targets \[1\] are not among the task's classes"):
+        within_task_accuracy(logits, torch.tensor([1, 2, 3]), [2, 3])

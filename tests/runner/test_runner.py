@@ -141,7 +141,8 @@ def test_stored_result_and_summary_are_consistent(tmp_path):
     assert float(table["naive"]["final_acc_std"]) == pytest.approx(np.std([m[-1].mean() for m in R], ddof=1))
     assert int(table["naive"]["trainable_params"]) == naive[0]["trainable_params"]
     assert table["joint"]["bwt_mean"] == ""  # one row: no backward transfer
-    assert "| split_digits | naive | 2 |" in (tmp_path / "summary.md").read_text()
+    assert "| split_digits | naive | shared | 2 |" in (tmp_path / "summary.md").read_text()
+    assert table["naive"]["protocol"] == "shared"  # every row says its head protocol
     plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert plots == ["split_digits_accuracy_curves.png", "split_digits_joint_matrix.png",
                      "split_digits_naive_matrix.png"]
