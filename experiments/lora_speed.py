@@ -58,7 +58,8 @@ def sync(args):
         torch.cuda.synchronize()
 
 
-def time_steps(args, model, params, data, penalty=lambda: None, after_backward=lambda: None) -> float:
+def time_steps(args, model, params, data, penalty=lambda: None, after_backward=lambda: None,
+               after_step=lambda: None) -> float:
     opt = torch.optim.AdamW(params, lr=1e-4)
     times = []
     for i in range(args.steps + 3):
@@ -73,6 +74,7 @@ def time_steps(args, model, params, data, penalty=lambda: None, after_backward=l
         loss.backward()
         after_backward()
         opt.step()
+        after_step()
         sync(args)
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -101,6 +103,7 @@ def worker(args) -> dict:
         from avalanche_merge.lora import make_learner
 
         learner = make_learner(args.worker, model, rank=args.rank, target_modules=("q", "k", "v"))
+        learner.set_stream_length(args.tasks)
         setup = []
         for task in range(args.tasks):
             data = batches(args, task)
@@ -110,7 +113,8 @@ def worker(args) -> dict:
             setup.append(time.perf_counter() - t0)
             if task in (0, args.tasks - 1):
                 key = "step_s_first" if task == 0 else "step_s_last"
-                out[key] = time_steps(args, model, params, data, learner.penalty, learner.after_backward)
+                out[key] = time_steps(args, model, params, data, learner.penalty, learner.after_backward,
+                                      learner.after_step)
             t0 = time.perf_counter()
             learner.end_task(inputs)
             setup[-1] += time.perf_counter() - t0

@@ -32,16 +32,16 @@ from .cllora import CLLoRA, CLLoRAConfig
 from .config import LoRAConfig
 from .gpm import GPMConfig, GPMFineTune, GPMLoRA
 from .inflora import InfLoRA, InfLoRAConfig
-from .learner import ContinualLoRA, run_model
+from .learner import ContinualLoRA, SequentialLoRA, SequentialLoRAConfig, run_model
 from .olora import OLoRA, OLoRAConfig, orthogonality_penalty
 from .registry import LEARNERS, list_learners, make_config, make_learner, register_learner
 from .sdlora import SDLoRA, SDLoRAConfig
 
 if "lora" not in LEARNERS.names():
-    register_learner(ContinualLoRA)
+    register_learner(SequentialLoRA)
 
 __all__ = ["LEARNERS", "CLLoRA", "CLLoRAConfig", "ContinualLoRA", "GPMConfig", "GPMFineTune", "GPMLoRA", "InfLoRA",
-           "InfLoRAConfig", "LoRAConfig", "OLoRA", "OLoRAConfig", "SDLoRA", "SDLoRAConfig", "activate",
-           "adapter_deltas", "adapter_names", "adapter_parameters", "adapter_state", "add_adapter", "delta_weight",
-           "linear_names", "list_learners", "lora_layers", "make_config", "make_learner", "orthogonality_penalty",
-           "register_learner", "resolve_targets", "run_model"]
+           "InfLoRAConfig", "LoRAConfig", "OLoRA", "OLoRAConfig", "SDLoRA", "SDLoRAConfig", "SequentialLoRA",
+           "SequentialLoRAConfig", "activate", "adapter_deltas", "adapter_names", "adapter_parameters",
+           "adapter_state", "add_adapter", "delta_weight", "linear_names", "list_learners", "lora_layers",
+           "make_config", "make_learner", "orthogonality_penalty", "register_learner", "resolve_targets", "run_model"]

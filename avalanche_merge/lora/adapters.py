@@ -72,7 +72,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """Adapter names present in the model, in creation order."""
+    """Adapter names present in the model, in the order the model's layers first hold them (their creation order
+    when every adapter has the same target layers, as in every learner here)."""
     names: list[str] = []
     for layer in lora_layers(model).values():
         names += [a for a in layer.lora_A if a not in names]

@@ -1,56 +1,115 @@
 """CL-LoRA: continual low-rank adaptation for rehearsal-free class-incremental learning (He, Duan and Zhu,
-CVPR 2025, arXiv 2505.24816; official code github.com/JiangpengHe/CL-LoRA).
+CVPR 2025, arXiv 2505.24816; official code github.com/JiangpengHe/CL-LoRA, ``models/cllora.py`` and its ViT
+backbone). By default the learner runs as the official code does.
 
-Dual adapters (the paper's method section and overview figure). The target layers of the first ``shared_blocks``
-transformer blocks (default: the first half, as the official ViT-B/16 split 0-5 / 6-11) hold one **task-shared**
-adapter trained on every task; the later blocks get a new **task-specific** adapter per task, frozen afterwards.
-In peft's notation (``A``: r x d_in down-projection, ``B``: d_out x r up-projection):
+Dual adapters (the paper's method section and overview figure). The target layers (default: ``q`` and ``v``)
+of the first ``shared_blocks`` transformer blocks (default: the first half, as the official ViT-B/16 split
+0-5 / 6-11) hold one **task-shared** adapter trained on every task; the later blocks get a new
+**task-specific** adapter per task, trained on its task and frozen afterwards. In peft's notation (``A``:
+r x d_in down-projection, ``B``: d_out x r up-projection, ``s = alpha / rank`` peft's scaling):
 
 - shared adapter: ``A_s`` a random orthogonal matrix, fixed; ``B_s`` zero-initialised and trained (paper: "random
   orthogonal matrices"; official code: Q of the QR of a uniform [0, 1) matrix, frozen; we QR a Gaussian, whose Q
-  is uniformly distributed). Knowledge distillation
-  from the previous model keeps ``B_s`` close to its old function, and only the distillation gradient is
-  reassigned row-wise by the old adapter's row norms (official code ``models/cllora.py``)::
+  is uniformly distributed).
+- task-specific adapters: ``A`` random orthogonal (trainable), ``B`` zero. Task ``t`` owns a learnable block-weight
+  vector ``beta_t`` (one entry per task-specific layer, init U(0.5, 1.5) as in the official code) that multiplies
+  its adapter's output in each of its layers; ``orth_weight * mean_{i<t} |cos(beta_i, beta_t)|`` (1e-4) keeps
+  the block weights of different tasks orthogonal. ``beta_t`` is a :mod:`torch.nn.utils.parametrize`
+  parametrization of each task-specific ``lora_B.weight`` (``B_eff = beta_t[j] * B``; one
+  :class:`~torch.nn.Parameter` per task, registered in every layer's parametrization module), so peft's forward,
+  its ``merge`` and :func:`~avalanche_merge.lora.adapters.delta_weight` see ``beta_t[j] * s * B A``, and
+  ``model.parameters()``, ``state_dict()``, ``.to()`` and ``.double()`` see and move ``beta_t``.
+  ``save``/``load`` write the raw ``B`` and the block weights (extra state).
+- knowledge distillation (``kd_target="logits"``, weight 5, temperature 2, as the official code): for ``t > 0``
+  the soft-target cross-entropy ``-mean_n sum_c softmax(z_old / T) log softmax(z / T)`` (no ``T^2`` factor)
+  between the student's logits and a teacher's: the same model with the shared ``B_s`` of the end of the previous
+  task (refreshed at every ``begin_task``), its output detached. Only the distillation gradient of ``B_s`` is
+  reassigned row-wise by the old adapter's row norms (official code)::
 
       grad_B[i, :] <- w_i * grad_B[i, :],   w_i = d_out * ||B_old[i, :]|| / sum_j ||B_old[j, :]||
 
-- task-specific adapters: ``A`` random orthogonal (trainable), ``B`` zero; the output of adapter ``t`` in its
-  j-th layer is scaled by a learnable block weight ``beta_t[j]`` (init U(0.5, 1.5) as in the official code), and
-  ``orth_weight * mean_{i<t} |cos(beta_t, beta_i)|`` keeps the block weights of different tasks orthogonal.
+  It costs one teacher forward and one extra backward (to reassign only the KD gradient) per step. The inputs and
+  output are captured during the normal forward pass by hooks on the model; ``penalty()`` consumes them.
+- ``inference="paths"`` (official code): a training forward runs the shared adapter and *only* the current
+  task's specific adapter. At evaluation (model not in training mode) the model runs once per task path ``i``
+  (shared adapter + task ``i``'s specific adapter with its block weights) and the logits of task ``i``'s classes
+  come from path ``i``: with the ``per_task`` head protocol and prototypes
+  (:class:`~avalanche_merge.protocol.PerTaskHead`), path ``i``'s features are scored by cosine against the
+  prototypes of task ``i``'s classes, the class means of path ``i``'s features computed at the end of task ``i``
+  (the head records them while the current path is active) and never recomputed; the logits are the
+  concatenation over tasks. A forward hook on the model re-runs it for the older paths and assembles the output
+  (the default active set, shared + newest task, gives the newest path); it needs a ``PerTaskHead`` in the model
+  (a ``RuntimeError`` says so otherwise); evaluation costs one forward per task. The base learner makes the whole
+  head trainable at each ``begin_task``; with a ``PerTaskHead`` CL-LoRA freezes the older tasks' heads (and the
+  replaced initial head) again, as the logit distillation would otherwise move them. ``inference="sum"``
+  activates every task-specific adapter at once (summed, each with its block weights), in training too: one
+  forward pass, any head.
 
-Deviations, all forced by this package's single-model protocol: the paper concatenates one forward pass per
-task-specific adapter and classifies with prototypes (as EASE); here every task-specific adapter is active and
-summed (with its block weights) in one forward pass, during training too. The paper distils early-exit logits
-(shared blocks, then the head); ``kd_target="logits"`` distils the full model's logits (teacher: the model
-with the old shared ``B``) with a soft-target cross-entropy at ``temperature``; it costs one teacher forward and
-one extra backward (to reassign only the KD gradient) per step. The default ``kd_target="features"``
-distils each shared layer's adapter output on the current inputs, ``s^2 * mean_n ||(B - B_old) A x_n||^2``
-(``x`` detached), at almost no cost. The inputs are captured during the normal forward pass by forward hooks on
-the shared ``lora_B`` modules (their input is ``A x``) and, for logits, on the model; ``penalty()`` consumes
-the last captured batch. Block weights live in forward hooks on the task-specific ``lora_B`` modules, so peft's
-``merge`` and :func:`~avalanche_merge.lora.adapters.delta_weight` ignore them.
+Options beyond the official code: ``kd_target="features"`` distils each shared layer's adapter output on the
+current inputs, ``s^2 * mean_n ||(B - B_old) A x_n||^2`` (``x`` detached), at almost no cost, its inputs
+captured by forward hooks on the shared ``lora_B`` modules (their input is ``A x``); ``inference="sum"``.
+
+Remaining deviations from the official code:
+
+- the official code distils early-exit logits (the features after the shared blocks, classified by the current
+  proxy head); we distil the full model's logits (shared and task-specific blocks, then the model's head);
+- its proxy classifier (trained with cross-entropy, discarded at evaluation for the prototypes) is a cosine layer
+  with a learnable scale; :class:`~avalanche_merge.protocol.PerTaskHead` uses linear per-task heads;
+- it takes two optimizer steps per batch (a step on the distillation loss, then one on the cross-entropy); the
+  learner's ``penalty()`` is added to the task loss and the training loop takes one step per batch.
+
+Defaults: ``rank=8`` (the official CIFAR-100 config; ImageNet-R uses 10), ``target_modules=("q", "v")``,
+shared = first half of the blocks. The training recipe (SGD with momentum 0.9, lr 0.03 with a cosine schedule,
+30 epochs, batch 64) belongs to the runner's configuration, not to this learner. torch cannot pickle a
+parametrized model whole (``torch.save(model)``): use ``learner.save`` or the ``state_dict``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import check_range
-from .adapters import add_adapter
+from ..protocol import PerTaskHead
+from .adapters import activate, add_adapter
 from .config import LoRAConfig
 from .learner import ContinualLoRA
 from .registry import register_learner
 
 SHARED = "shared"
 BLOCK_PATTERN = r"(?:^|\.)(?:blocks|layers?|resblocks|h)\.(\d+)(?:\.|$)"
+INFERENCE = ("auto", "paths", "sum")
+KD_TARGETS = ("logits", "features")
+
+
+class BlockWeight(nn.Module):
+    """Parametrization ``B -> beta[index] * B`` of a task-specific ``lora_B`` weight.
+
+    Args:
+        beta: the task's block-weight vector; the same :class:`~torch.nn.Parameter` is registered in every layer
+            of the task, so that ``model.parameters()`` lists it once and every layer trains it.
+        index: this layer's entry of ``beta``.
+    """
+
+    def __init__(self, beta: nn.Parameter, index: int) -> None:
+        super().__init__()
+        self.beta = beta
+        self.index = index
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.beta[self.index]
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}"
 
 
 def random_orthogonal(rows: int, cols: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,26 +159,50 @@ def _logits(output):
     return output[0]
 
 
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _replace_logits(output, logits: torch.Tensor):
+    """``output`` with its logits replaced (a tensor, an object with ``.logits``, or a tuple led by them)."""
+    if isinstance(output, torch.Tensor):
+        return logits
+    if getattr(output, "logits", None) is not None:
+        output.logits = logits
+        return output
+    return (logits, *output[1:])
+
+
 @dataclass(kw_only=True)
 class CLLoRAConfig(LoRAConfig):
-    """CL-LoRA options (official configs: q and v adapted, KD weight 5 at T = 2, orthogonality weight 1e-4).
+    """CL-LoRA options (defaults: the official code; see the module docstring).
 
     Args:
+        rank: LoRA rank; the official CIFAR-100 config's 8 (ImageNet-R: 10).
+        target_modules: the official code adapts every block's query and value projections: ``("q", "v")``.
         shared_blocks: blocks (from the input side) whose target layers hold the shared adapter, >= 0;
             ``None``: half the blocks, rounded down (a 1-block model gets task-specific adapters only).
         block_pattern: regex whose first group captures the block index from a module name (default: ``blocks.N``,
             ``layer.N``/``layers.N``, ``resblocks.N``, ``h.N``: timm/TinyViT, BERT/HF ViT, open_clip, GPT-2).
-        kd_target: ``"features"`` (each shared adapter's output) or ``"logits"`` (the model's output).
-        kd_weight: weight of the distillation loss, >= 0 (0 disables it; the paper's 5 is for logits).
+        inference: ``"paths"`` (official: training runs the shared + current task-specific adapter; evaluation
+            runs one forward per task path and needs a :class:`~avalanche_merge.protocol.PerTaskHead`), ``"sum"``
+            (every task-specific adapter active and summed, training too), or ``"auto"`` (default): ``"paths"``
+            when the model has a per-task head when the first task begins, else ``"sum"`` (a domain-incremental
+            stream: a sample's task cannot be told from its classes, so no path can be chosen for it).
+        kd_target: ``"logits"`` (the model's output, official) or ``"features"`` (each shared adapter's output).
+        kd_weight: weight of the distillation loss, >= 0 (0 disables it; the official 5 is for logits).
         temperature: softmax temperature of the logit distillation, > 0.
         reassign: reassign the distillation gradient of the shared ``B`` by the old row norms.
         orth_weight: weight of the block-weight orthogonality loss, >= 0.
     """
 
+    rank: int = 8
     target_modules: tuple[str, ...] = ("q", "v")
     shared_blocks: int | None = None
     block_pattern: str = BLOCK_PATTERN
-    kd_target: str = "features"
+    inference: str = "auto"
+    kd_target: str = "logits"
     kd_weight: float = 5.0
     temperature: float = 2.0
     reassign: bool = True
@@ -138,11 +221,17 @@ class CLLoRAConfig(LoRAConfig):
             raise ValueError(f"block_pattern must be a valid regex, got {self.block_pattern!r}: {err}") from None
         if groups < 1:
             raise ValueError(f"block_pattern must capture the block index in a group, got {self.block_pattern!r}")
-        if self.kd_target not in ("features", "logits"):
-            raise ValueError(f"kd_target must be 'features' or 'logits', got {self.kd_target!r}")
+        _check_choice("inference", self.inference, INFERENCE)
+        _check_choice("kd_target", self.kd_target, KD_TARGETS)
         check_range("kd_weight", self.kd_weight, 0.0)
         check_range("temperature", self.temperature, 0.0, None, low_open=True)
         check_range("orth_weight", self.orth_weight, 0.0)
+
+    def check_protocol(self, protocol: str) -> None:
+        """Refuse a head protocol these options cannot run: the per-task paths need a per-task head."""
+        if self.inference == "paths" and protocol != "per_task":  # explicit paths (auto adapts)
+            raise ValueError(f"cllora's per-task inference paths (inference='paths') need the 'per_task' head "
+                             f"protocol, got {protocol!r}; set options.inference='sum' to run it under another head")
 
 
 @register_learner
@@ -155,6 +244,7 @@ class CLLoRA(ContinualLoRA):
 
     def __init__(self, model: nn.Module, *, config: CLLoRAConfig | None = None) -> None:
         super().__init__(model, config=config)
+        self._inference: str | None = None  # "auto" resolved at the first task
         cfg: CLLoRAConfig = self.config
         pattern = re.compile(cfg.block_pattern)
         indices = [int(m.group(1)) for n, _ in model.named_modules() if (m := pattern.search(n))]
@@ -177,18 +267,35 @@ class CLLoRA(ContinualLoRA):
             if cfg.rank > layer.in_features:
                 raise ValueError(f"rank must be <= the input width {layer.in_features} of {t!r} (orthogonal A), "
                                  f"got {cfg.rank}")
-        self.block_weights: dict[str, nn.Parameter] = {}
+        self._blocks: dict[str, dict[str, BlockWeight]] = {}  # task adapter -> layer -> parametrization
         self.old_shared: dict[str, torch.Tensor] = {}  # shared B at the end of the previous task, per layer
         self._w: dict[str, torch.Tensor] = {}
         self._z: dict[str, torch.Tensor] = {}
         self._batch: tuple | None = None
         self._output = None
         self._teaching = False
+        self._in_paths = False
         if cfg.kd_target == "logits":
             model.register_forward_pre_hook(self._capture_input, with_kwargs=True)
             model.register_forward_hook(self._capture_output)
+        model.register_forward_hook(self._paths_hook, with_kwargs=True)
 
     # -- adapters ------------------------------------------------------------------------------------------
+    @property
+    def block_weights(self) -> dict[str, nn.Parameter]:
+        """``{task adapter: beta_t}``, read from the parametrizations (so ``model.to(...)`` cannot stale it)."""
+        return {name: next(iter(modules.values())).beta for name, modules in self._blocks.items()}
+
+    def specific_adapters(self) -> list[str]:
+        """The task-specific adapters, in task order."""
+        return [a for a in self.adapters if a != SHARED]
+
+    def active_adapters(self) -> list[str]:
+        """The adapters of the default forward: shared + newest task (``"paths"``), or all (``"sum"``)."""
+        if self.inference == "sum":
+            return list(self.adapters)
+        return [a for a in self.adapters if a == SHARED] + self.specific_adapters()[-1:]
+
     def _add(self, name: str) -> None:
         """Create adapter ``name`` (shared or task-specific) with its init, hooks and block weights."""
         targets = self.shared_targets if name == SHARED else self.specific_targets
@@ -205,31 +312,86 @@ class CLLoRA(ContinualLoRA):
                 layers[t].lora_B[name].register_forward_hook(self._shared_hook(t))
             return
         ref = layers[targets[0]].lora_B[name].weight
-        self.block_weights[name] = nn.Parameter(torch.empty(len(targets)).uniform_(0.5, 1.5).to(ref))
-        for j, t in enumerate(targets):
-            layers[t].lora_B[name].register_forward_hook(self._block_hook(name, j))
-
-    def _block_hook(self, name: str, j: int):
-        def hook(module, inputs, output):
-            return output * self.block_weights[name][j]
-        return hook
+        beta = nn.Parameter(torch.empty(len(targets)).uniform_(0.5, 1.5).to(ref))
+        self._blocks[name] = {t: BlockWeight(beta, j) for j, t in enumerate(targets)}
+        for t, module in self._blocks[name].items():
+            parametrize.register_parametrization(layers[t].lora_B[name], "weight", module)
 
     def _shared_hook(self, layer: str):
         def hook(module, inputs, output):
             if self._teaching:  # teacher forward: the previous task's shared adapter
                 return F.linear(inputs[0], self.old_shared[layer])
-            if torch.is_grad_enabled() and self.old_shared and self.config.kd_target == "features":
+            if (torch.is_grad_enabled() and not self._in_paths and self.old_shared
+                    and self.config.kd_target == "features"):
                 self._z[layer] = inputs[0]  # = A x, for the feature distillation
             return None
         return hook
 
     def _capture_input(self, module, args, kwargs):
-        if torch.is_grad_enabled() and not self._teaching and self.old_shared:
+        if torch.is_grad_enabled() and not (self._teaching or self._in_paths) and self.old_shared:
             self._batch = (args, kwargs)
 
     def _capture_output(self, module, args, output):
-        if torch.is_grad_enabled() and not self._teaching and self.old_shared:
+        if torch.is_grad_enabled() and not (self._teaching or self._in_paths) and self.old_shared:
             self._output = output
+
+    # -- per-path inference --------------------------------------------------------------------------------
+    def per_task_head(self) -> PerTaskHead | None:
+        """The model's :class:`~avalanche_merge.protocol.PerTaskHead` (the first found), or None."""
+        return next((m for m in self.model.modules() if isinstance(m, PerTaskHead)), None)
+
+    def _paths_hook(self, module, args, kwargs, output):
+        """In evaluation with ``inference="paths"``: the logits of task ``i``'s classes from path ``i``."""
+        if self.inference != "paths" or module.training or self._in_paths:
+            return None
+        specifics = self.specific_adapters()
+        if len(specifics) < 2:
+            return None
+        head = self.per_task_head()
+        if head is None:
+            raise RuntimeError("CL-LoRA's per-task inference (inference='paths') needs the per_task head protocol "
+                               "(avalanche_merge.protocol.PerTaskHead in the model: one head or set of prototypes "
+                               "per task), or inference='sum'")
+        if head.is_recording:  # prototypes of the current task: the current path (active now)
+            return None
+        if len(head.task_classes) != len(specifics):
+            raise RuntimeError(f"CL-LoRA's per-task inference needs one PerTaskHead task per task-specific adapter, "
+                               f"got {len(head.task_classes)} head tasks for {len(specifics)} adapters")
+        logits = _logits(output)
+        assembled = logits.clone()
+        newest_given = self._is_default_active()
+        paths = specifics[:-1] if newest_given else specifics
+        self._in_paths = True
+        try:
+            for name in paths:
+                with self._only(name):
+                    path = _logits(module(*args, **kwargs))
+                classes = head.task_classes[specifics.index(name)]
+                assembled[..., classes] = path[..., classes].to(assembled.dtype)
+        finally:
+            self._in_paths = False
+        return _replace_logits(output, assembled)
+
+    def _is_default_active(self) -> bool:
+        active = self.active_adapters()
+        return all(list(layer.active_adapters) == [a for a in active if a in layer.lora_A]
+                   for layer in self.layers().values())
+
+    @contextmanager
+    def _only(self, name: str) -> Iterator[None]:
+        """Activate the shared adapter and task-specific adapter ``name``; restore the active set and flags after."""
+        layers = self.layers()
+        active = {n: list(layer.active_adapters) for n, layer in layers.items()}
+        flags = [(p, p.requires_grad) for layer in layers.values()
+                 for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())]
+        try:
+            activate(self.model, [a for a in self.adapters if a in (SHARED, name)])
+            yield
+        finally:
+            for n, layer in layers.items():
+                layer.set_adapter(active[n])
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     # -- the protocol --------------------------------------------------------------------------------------
     def begin_task(self, inputs: Iterable | None = None) -> list[nn.Parameter]:
@@ -256,17 +418,34 @@ class CLLoRA(ContinualLoRA):
         current = f"task{self.task}"
         return [a for a in self.adapters if a in (SHARED, current)]
 
+    @property
+    def inference(self) -> str:
+        """``"paths"`` or ``"sum"``; with ``inference="auto"``, ``"paths"`` when the model has a per-task head when
+        the first task begins, else ``"sum"`` (fixed from then on)."""
+        if self.config.inference != "auto":
+            return self.config.inference
+        if self._inference is None:
+            return "paths" if self.per_task_head() is not None else "sum"
+        return self._inference
+
     def _activate(self) -> None:
+        if self.config.inference == "auto" and self._inference is None:
+            self._inference = "paths" if self.per_task_head() is not None else "sum"
         super()._activate()
+        if self.inference == "paths":
+            activate(self.model, self.active_adapters(), self.trainable_adapters())
         layers = self.layers()
         for t in self.shared_targets:
             if SHARED in layers[t].lora_A:
                 layers[t].lora_A[SHARED].weight.requires_grad_(False)  # the fixed orthogonal down-projection
-        for name, beta in self.block_weights.items():
+        for name, beta in self.block_weights.items():  # also while the parametrizations are lifted (load)
             beta.requires_grad_(name == f"task{self.task}")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return super().trainable_parameters() + [b for b in self.block_weights.values() if b.requires_grad]
+        head = self.per_task_head()
+        if head is not None and self.head_name:  # the base re-enables the whole head: old tasks' heads stay frozen
+            for old in head.heads[:-1]:
+                old.requires_grad_(False)
+            if head.initial is not None:
+                head.initial.requires_grad_(False)
 
     def penalty(self) -> torch.Tensor | None:
         cfg: CLLoRAConfig = self.config
@@ -296,7 +475,7 @@ class CLLoRA(ContinualLoRA):
         if self._batch is None or self._output is None:
             return None
         args, kwargs = self._batch
-        self._teaching = True
+        self._teaching = True  # same model and active adapters, the old shared B
         try:
             with torch.no_grad():
                 teacher = _logits(self.model(*args, **kwargs))
@@ -333,8 +512,13 @@ class CLLoRA(ContinualLoRA):
                if f"old_shared::{t}" in state}
         self._set_old(old)
 
+    def save(self, path: str | Path) -> None:
+        """As :meth:`ContinualLoRA.save`, with the raw task-specific ``B`` (not ``beta * B``) and the betas."""
+        with self._bare_weights():
+            super().save(path)
+
     def load(self, path: str | Path) -> None:
-        """Create the saved adapters with their own targets and hooks, then restore them (see base ``load``)."""
+        """Create the saved adapters with their own targets, hooks and block weights, then restore them."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -344,8 +528,24 @@ class CLLoRA(ContinualLoRA):
             for name in json.loads(meta["adapters"]):
                 if name not in self.adapters:
                     self._add(name)
-        super().load(path)  # checks method and config, loads A, B, the head and the extra state
+        with self._bare_weights():
+            super().load(path)  # checks method and config, loads A, raw B, the head and the extra state
+
+    @contextmanager
+    def _bare_weights(self) -> Iterator[None]:
+        """Lift the block-weight parametrizations (same parameter objects): ``lora_B.weight`` is the raw ``B``."""
+        layers = self.layers()
+        for name, modules in self._blocks.items():
+            for t in modules:
+                parametrize.remove_parametrizations(layers[t].lora_B[name], "weight", leave_parametrized=False)
+        try:
+            yield
+        finally:
+            layers = self.layers()
+            for name, modules in self._blocks.items():
+                for t, module in modules.items():
+                    parametrize.register_parametrization(layers[t].lora_B[name], "weight", module)
 
 
-__all__ = ["CLLoRA", "CLLoRAConfig", "block_orthogonality", "feature_kd", "logit_kd", "random_orthogonal",
-           "reassign", "reassignment_weights"]
+__all__ = ["INFERENCE", "KD_TARGETS", "BlockWeight", "CLLoRA", "CLLoRAConfig", "block_orthogonality", "feature_kd",
+           "logit_kd", "random_orthogonal", "reassign", "reassignment_weights"]

@@ -7,8 +7,12 @@ A learner owns a model with peft LoRA adapters and is driven by four calls, whoe
    one), freezes earlier adapters, runs the method's data-dependent setup on ``inputs`` (an iterable of model
    inputs of the new task) and returns the parameters to optimise;
 2. ``loss = loss + learner.penalty()`` each step (``None`` when the method has no penalty);
-3. ``learner.after_backward()`` after ``loss.backward()`` (gradient projections);
+3. ``learner.after_backward()`` after ``loss.backward()`` (gradient projections), and ``learner.after_step()``
+   after ``optimizer.step()`` (constraints that an adaptive optimizer can break, e.g. GPM's);
 4. ``learner.end_task(inputs)`` after the task (bases, normalisation, ...).
+
+``learner.set_stream_length(n)`` before the first task tells schedules that depend on the number of tasks
+(InfLoRA's thresholds) how long the stream is; the Avalanche plugin calls it with the stream's length.
 
 No Avalanche import here. Subclasses override the ``_setup_task`` / ``penalty`` / ``after_backward`` /
 ``_finish_task`` hooks and, for saved state beyond the adapters, ``extra_state`` / ``load_extra_state``.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -85,6 +90,12 @@ class ContinualLoRA:
     def after_backward(self) -> None:
         """Modify gradients after ``backward()`` (default: nothing)."""
 
+    def after_step(self) -> None:
+        """Restore constraints after ``optimizer.step()`` (default: nothing)."""
+
+    def set_stream_length(self, n_tasks: int) -> None:
+        """The number of tasks of the stream, for schedules that depend on it (default: unused)."""
+
     def end_task(self, inputs: Iterable | None = None) -> None:
         """Finish the current task (default: nothing beyond the method's hook)."""
         if self.task < 0:
@@ -117,7 +128,10 @@ class ContinualLoRA:
     def _activate(self) -> None:
         activate(self.model, self.adapters, self.trainable_adapters())
         if self.head_name:
-            self.model.get_submodule(self.head_name).requires_grad_(True)
+            head = self.model.get_submodule(self.head_name)
+            head.requires_grad_(True)
+            if hasattr(head, "freeze_finished"):  # a per-task head: only the current task's head trains
+                head.freeze_finished()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters with ``requires_grad`` (the only ones an optimizer should hold)."""
@@ -136,11 +150,17 @@ class ContinualLoRA:
 
         tensors = {f"{a}::{k}": v.contiguous() for a in self.adapters for k, v in adapter_state(self.model, a).items()}
         tensors |= {f"extra::{k}": v.detach().contiguous() for k, v in self.extra_state().items()}
+        head_extra = {}
         if self.head_name:
             head = self.model.get_submodule(self.head_name)
-            tensors |= {f"head::{k}": v.detach().clone().contiguous() for k, v in head.state_dict().items()}
+            for k, v in head.state_dict().items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"head::{k}"] = v.detach().clone().contiguous()
+                else:  # a module's extra state (e.g. a per-task head's task classes): JSON in the metadata
+                    head_extra[k] = v
         meta = {"method": self.name, "adapters": json.dumps(self.adapters), "task": str(self.task),
-                "config": json.dumps({k: v for k, v in vars(self.config).items()}, default=list)}
+                "config": json.dumps({k: v for k, v in vars(self.config).items()}, default=list),
+                "head_extra": json.dumps(head_extra)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -165,7 +185,28 @@ class ContinualLoRA:
                                                   if k.startswith(prefix)})
         if self.head_name:
             head = self.model.get_submodule(self.head_name)
-            head.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("head::")})
+            state = json.loads(meta.get("head_extra", "{}"))  # extra state first: it recreates per-task heads
+            state |= {k[6:]: v for k, v in tensors.items() if k.startswith("head::")}
+            head.load_state_dict(state)
         self.task = int(meta["task"])
         self.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("extra::")})
         self._activate()
+
+
+@dataclass(kw_only=True)
+class SequentialLoRAConfig(LoRAConfig):
+    """Plain sequential LoRA (defaults: Hu et al., ICLR 2022: rank 8 on the query and value projections)."""
+
+    rank: int = 8
+    target_modules: tuple[str, ...] = ("q", "v")
+
+
+class SequentialLoRA(ContinualLoRA):
+    """Plain sequential LoRA (Hu et al., ICLR 2022): one adapter trained on every task in turn (the baseline).
+
+    The registered ``lora`` learner; its defaults are the paper's (rank 8 on ``q`` and ``v``), where
+    :class:`ContinualLoRA` keeps :class:`LoRAConfig`'s generic ones.
+    """
+
+    name = "lora"
+    config_cls = SequentialLoRAConfig

@@ -35,13 +35,18 @@ def orthogonality_penalty(old: Sequence[torch.Tensor], new: torch.Tensor) -> tor
 
 @dataclass(kw_only=True)
 class OLoRAConfig(LoRAConfig):
-    """O-LoRA options (paper defaults).
+    """O-LoRA options (the authors' defaults, ``run_uie_lora.py``: r 8, alpha 32, dropout 0.1 on T5's query and
+    value projections, lambda1 0.5, lambda2 0; they train at a constant 1e-3 for one epoch per task).
 
     Args:
         lambda1: weight of the orthogonality penalty, >= 0.
         lambda2: weight of the squared L2 norm of the new adapter, >= 0.
     """
 
+    rank: int = 8
+    alpha: float | None = 32.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q", "v")
     lambda1: float = 0.5
     lambda2: float = 0.0
 

@@ -1,6 +1,5 @@
-"""CL-LoRA (He et al., CVPR 2025): losses against direct computations, gradient reassignment, freezing, state."""
-
-import copy
+"""CL-LoRA (He et al., CVPR 2025): per-task paths, losses against direct computations, gradient reassignment,
+block weights as a parametrization, freezing, state."""
 
 import numpy as np
 import pytest
@@ -9,8 +8,10 @@ import torch.nn.functional as F
 from conftest import tiny_experiment
 
 from avalanche_merge.lora import make_learner
+from avalanche_merge.lora.adapters import activate, delta_weight
 from avalanche_merge.lora.cllora import SHARED, CLLoRA, CLLoRAConfig, reassignment_weights
 from avalanche_merge.models.vit import TinyViT, TinyViTConfig
+from avalanche_merge.protocol import PerTaskHead, class_means, replace_module
 
 X = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 Y = torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(2))
@@ -33,6 +34,51 @@ def train_task(learner, steps=3, lr=0.2):
         learner.after_backward()
         optimizer.step()
     learner.end_task(None)
+
+
+TASKS = ([0, 1], [2, 3], [4, 5])
+
+
+def with_head(depth=2, seed=0, prototypes=True):
+    """A tiny ViT whose head is a PerTaskHead (the per_task protocol; prototypes as CL-LoRA evaluates)."""
+    model = tiny(depth, seed)
+    head = PerTaskHead(16, 4, initial=model.head, prototypes=prototypes)
+    replace_module(model, "head", head)
+    return model, head
+
+
+def train_head_task(learner, head, classes, steps=3, lr=0.2):
+    """One task as the per_task protocol runs it: add its head, masked CE (+ penalty), then its prototypes."""
+    head.add_task(classes)
+    params = learner.begin_task(None)
+    held = {id(p) for p in params}
+    params = params + [p for p in head.heads[-1].parameters() if id(p) not in held]  # train_head=False
+    optimizer = torch.optim.SGD(params, lr=lr)
+    target = torch.arange(len(X)) % len(classes)
+    learner.model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(learner.model(X)[:, classes], target)
+        penalty = learner.penalty()
+        loss = loss if penalty is None else loss + penalty
+        optimizer.zero_grad()
+        loss.backward()
+        learner.after_backward()
+        optimizer.step()
+    learner.end_task(None)
+    learner.model.eval()
+    if head.use_prototypes:  # as HeadProtocolPlugin: class means of the features, recorded in eval mode
+        with torch.no_grad(), head.recording() as features:
+            learner.model(X)
+        head.set_prototypes(classes, class_means(torch.cat(features), torch.tensor(classes)[target], classes))
+
+
+def shared_bs(learner):
+    return {t: learner.layers()[t].lora_B[SHARED].weight.detach().clone() for t in learner.shared_targets}
+
+
+def raw_b(layer, name):
+    """Task-specific ``B`` before its block-weight parametrization."""
+    return layer.lora_B[name].parametrizations.weight.original
 
 
 def perturb_shared(learner, scale=0.3):
@@ -82,7 +128,7 @@ def test_orthogonality_loss_equals_direct_computation():
 
 
 def test_feature_kd_equals_direct_computation():
-    learner = make_learner("cllora", tiny(), orth_weight=0.0, kd_weight=2.0)
+    learner = make_learner("cllora", tiny(), kd_target="features", orth_weight=0.0, kd_weight=2.0)
     train_task(learner)
     learner.begin_task(None)
     assert learner.penalty() is None  # nothing captured yet
@@ -101,17 +147,35 @@ def test_feature_kd_equals_direct_computation():
     torch.testing.assert_close(learner.penalty(), 2.0 * torch.stack(terms).mean())
 
 
-def test_logit_kd_equals_direct_computation():
-    learner = make_learner("cllora", tiny(), kd_target="logits", orth_weight=0.0, temperature=3.0)
-    train_task(learner)
+@pytest.mark.parametrize(("kd_weight", "temperature"), [(5.0, 2.0), (2.0, 3.0)])
+def test_logit_kd_equals_hand_formula(kd_weight, temperature):
+    """Default KD: soft-target CE of the full model's logits against the model with the old shared B, * weight."""
+    model, head = with_head()
+    options = {} if kd_weight == 5.0 else {"kd_weight": kd_weight, "temperature": temperature}
+    learner = make_learner("cllora", model, orth_weight=0.0, **options)
+    assert learner.config.kd_target == "logits" and (learner.config.kd_weight, learner.config.temperature) == (
+        kd_weight, temperature)  # (5, 2): the defaults
+    train_head_task(learner, head, TASKS[0])
+    head.add_task(TASKS[1])
     learner.begin_task(None)
-    teacher_model = copy.deepcopy(learner.model)  # shared B == old B here
+    assert learner.penalty() is None  # nothing captured yet
     perturb_shared(learner)
-    student = learner.model(X)
+    layers = learner.layers()
     with torch.no_grad():
-        teacher = teacher_model(X)
-    expected = -(torch.softmax(teacher / 3, 1) * torch.log_softmax(student / 3, 1)).sum(1).mean()
-    torch.testing.assert_close(learner.penalty(), 5.0 * expected)
+        for t in learner.specific_targets:  # the current adapter, active in student and teacher alike
+            raw_b(layers[t], "task1").normal_()
+    model.train()
+    with torch.no_grad():  # the teacher by hand: the same model with the shared B of the end of task 0
+        current = shared_bs(learner)
+        for t in learner.shared_targets:
+            layers[t].lora_B[SHARED].weight.copy_(learner.old_shared[t])
+        teacher = model(X)
+        for t in learner.shared_targets:
+            layers[t].lora_B[SHARED].weight.copy_(current[t])
+    student = model(X)
+    assert not torch.allclose(student, teacher)
+    expected = -(torch.softmax(teacher / temperature, 1) * torch.log_softmax(student / temperature, 1)).sum(1).mean()
+    torch.testing.assert_close(learner.penalty(), kd_weight * expected)
 
 
 def test_reassignment_weights_hand_built():
@@ -179,25 +243,42 @@ def test_earlier_specific_adapters_frozen_shared_keeps_training():
     assert learner.adapters == [SHARED, "task0", "task1", "task2"]
 
 
-def test_save_load_round_trip(tmp_path):
-    learner = make_learner("cllora", tiny(), kd_target="logits")
-    for _ in range(2):
-        train_task(learner)
+@pytest.mark.parametrize("inference", ["paths", "sum"])
+def test_save_load_round_trip(inference, tmp_path):
+    def build():
+        model, head = with_head()
+        # train_head=False: the PerTaskHead travels with its own state_dict (see the report on save)
+        return make_learner("cllora", model, inference=inference, train_head=False), head
+
+    learner, head = build()
+    for classes in TASKS:
+        train_head_task(learner, head, classes)
     learner.save(tmp_path / "cl.safetensors")
     learner.model.eval()
     with torch.no_grad():
         expected = learner.model(X)
-    other = make_learner("cllora", tiny(), kd_target="logits")
+    other, other_head = build()
+    other_head.load_state_dict(head.state_dict())
     other.load(tmp_path / "cl.safetensors")
     other.model.eval()
-    assert other.task == 1 and other.adapters == learner.adapters
+    assert other.task == 2 and other.adapters == learner.adapters
     with torch.no_grad():
         torch.testing.assert_close(other.model(X), expected, atol=0, rtol=0)
+    mine, theirs = learner.model.state_dict(), other.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[k]) if isinstance(v, torch.Tensor) else v == theirs[k] for k, v in mine.items())
     mine, theirs = learner.extra_state(), other.extra_state()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert [n for n, b in other.block_weights.items() if b.requires_grad] == ["task1"]
-    other.model.train()
-    train_task(other)  # continues with task 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "cl.safetensors"))  # the raw B, not beta * B
+    layer = learner.layers()["blocks.1.attn.q"]
+    assert torch.equal(saved["task0::blocks.1.attn.q.lora_B"], raw_b(layer, "task0"))
+    assert [n for n, b in other.block_weights.items() if b.requires_grad] == ["task2"]
+    assert all(m.beta is other.block_weights[n] for n, ms in other._blocks.items() for m in ms.values())
+    other_head.add_task([6, 7])
+    other.begin_task(None)  # continues with task 3
+    assert [n for n, b in other.block_weights.items() if b.requires_grad] == ["task3"]
     with pytest.raises(ValueError, match="config"):
         make_learner("cllora", tiny(), kd_weight=1.0).load(tmp_path / "cl.safetensors")
 
@@ -216,7 +297,8 @@ def test_deterministic_under_seed():
 @pytest.mark.parametrize(("options", "match"), [
     ({"shared_blocks": -1}, "shared_blocks must be None or an int >= 0, got -1"),
     ({"shared_blocks": 1.5}, "shared_blocks must be None or an int"),
-    ({"kd_target": "hidden"}, "kd_target must be 'features' or 'logits', got 'hidden'"),
+    ({"kd_target": "hidden"}, r"kd_target must be one of \['logits', 'features'\], got 'hidden'"),
+    ({"inference": "x"}, r"inference must be one of \['auto', 'paths', 'sum'\], got 'x'"),
     ({"kd_weight": -1.0}, r"kd_weight must be in \[0.0, inf\], got -1.0"),
     ({"temperature": 0.0}, r"temperature must be in \(0.0, inf\], got 0.0"),
     ({"orth_weight": -0.1}, r"orth_weight must be in \[0.0, inf\], got -0.1"),
@@ -275,3 +357,209 @@ def test_runs_inside_avalanche(options, tmp_path, monkeypatch):
     assert np.diag(R).max() > 0.25, R.tolist()
     active = [p for p in penalties if p is not None]  # task 1: orthogonality (default) or distillation + KD
     assert active and all(torch.isfinite(p) and p > 0 for p in active)
+
+
+# -- per-task paths (official inference) ----------------------------------------------------------------------
+def test_defaults_are_the_official_code():
+    cfg = CLLoRAConfig()
+    assert (cfg.inference, cfg.kd_target, cfg.kd_weight, cfg.temperature, cfg.orth_weight, cfg.rank) == (
+        "auto", "logits", 5.0, 2.0, 1e-4, 8)
+    assert tuple(cfg.target_modules) == ("q", "v")
+
+
+@pytest.mark.parametrize(("per_task_head", "expected"), [(True, "paths"), (False, "sum")])
+def test_auto_inference_takes_paths_with_a_per_task_head_and_sums_without(per_task_head, expected):
+    """On a domain-incremental stream (no per-task head) no path can be chosen for a sample: the adapters sum."""
+    torch.manual_seed(0)
+    model = TinyViT(TinyViTConfig(dim=16, depth=2, heads=2, num_classes=4))
+    if per_task_head:
+        head = PerTaskHead(16, 4, initial=model.head)
+        replace_module(model, "head", head)
+        head.add_task([0, 1])
+    learner = make_learner("cllora", model, rank=2)
+    learner.begin_task()
+    assert learner.inference == expected
+    if per_task_head:
+        model.head.add_task([2, 3])
+    learner.end_task()
+    learner.begin_task()
+    active = set(learner.active_adapters())
+    assert ("task0" in active) == (expected == "sum") and "task1" in active
+
+
+@pytest.mark.parametrize("inference", ["paths", "sum"])
+def test_later_adapters_leave_path_0_unchanged(inference):
+    """Path 0 (task 0's classes) is exactly the model of task 0's end once the shared adapter is held fixed."""
+    model, head = with_head(prototypes=False)  # linear heads: head 0 alone makes task 0's columns (bit-exact)
+    learner = make_learner("cllora", model, inference=inference)
+    train_head_task(learner, head, TASKS[0])
+    shared = shared_bs(learner)
+    with torch.no_grad():
+        before = model(X)[:, TASKS[0]]
+    for classes in TASKS[1:]:
+        train_head_task(learner, head, classes)
+    layers = learner.layers()
+    assert all(raw_b(layers[t], f"task{i}").abs().sum() > 0 for t in learner.specific_targets for i in (1, 2))
+    with torch.no_grad():
+        for t in learner.shared_targets:
+            layers[t].lora_B[SHARED].weight.copy_(shared[t])
+        after = model(X)[:, TASKS[0]]
+    if inference == "paths":
+        assert torch.equal(after, before)
+    else:  # every task-specific adapter in every forward
+        assert not torch.allclose(after, before, atol=1e-4, rtol=0)
+
+
+def test_eval_logits_are_assembled_from_single_paths():
+    model, head = with_head()
+    learner = make_learner("cllora", model)
+    for classes in TASKS:
+        train_head_task(learner, head, classes)
+    model.eval()
+    layers = learner.layers()
+    active = {n: list(layer.active_adapters) for n, layer in layers.items()}
+    assert {tuple(a) for a in active.values()} == {(SHARED,), ("task2",)}  # default: shared + newest
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    expected = torch.full((len(X), head.out_features), float("nan"))
+    paths = []
+    for i, classes in enumerate(TASKS):  # by hand: path i alone (shared + task i); recording passes it through
+        activate(model, [SHARED, f"task{i}"])
+        with torch.no_grad(), head.recording():
+            paths.append(model(X))
+        expected[:, classes] = paths[-1][:, classes]
+    learner._activate()
+    with torch.no_grad():
+        got = model(X)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert not torch.allclose(paths[2][:, TASKS[0]], paths[0][:, TASKS[0]], atol=1e-4, rtol=0)  # paths differ
+    assert {n: list(layer.active_adapters) for n, layer in layers.items()} == active  # state restored
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    model.train()  # training: one forward, no assembly (the newest path's linear heads)
+    with torch.no_grad():
+        train_out = model(X)
+    activate(model, [SHARED, "task0"])
+    with torch.no_grad():
+        assert not torch.equal(model(X)[:, TASKS[0]], train_out[:, TASKS[0]])
+
+
+def test_paths_need_a_per_task_head_with_one_task_per_adapter():
+    learner = make_learner("cllora", tiny(), inference="paths")
+    for _ in range(2):
+        train_task(learner, steps=1)
+    learner.model.train()
+    learner.model(X)  # training: the current path, any head
+    learner.model.eval()
+    with pytest.raises(RuntimeError, match=r"needs the per_task head protocol \(avalanche_merge.protocol.PerTaskHead"):
+        learner.model(X)
+    summed = make_learner("cllora", tiny(), inference="sum")
+    for _ in range(2):
+        train_task(summed, steps=1)
+    summed.model.eval()
+    summed.model(X)
+    model, head = with_head()
+    learner = make_learner("cllora", model)
+    train_head_task(learner, head, TASKS[0], steps=1)
+    learner.begin_task(None)  # a second adapter without its head task
+    model.eval()
+    with pytest.raises(RuntimeError, match="one PerTaskHead task per task-specific adapter"):
+        model(X)
+
+
+@pytest.mark.parametrize("inference", ["paths", "sum"])
+def test_training_forward_uses_only_the_current_specific_adapter(inference):
+    model, head = with_head()
+    learner = make_learner("cllora", model, inference=inference)
+    for classes in TASKS[:2]:
+        train_head_task(learner, head, classes, steps=1)
+    head.add_task(TASKS[2])
+    learner.begin_task(None)
+    model.train()
+    layers = learner.layers()
+    with torch.no_grad():
+        for t in learner.specific_targets:
+            raw_b(layers[t], "task2").normal_()
+    before = model(X)
+    with torch.no_grad():  # large changes to the old task-specific adapters
+        for t in learner.specific_targets:
+            for name in ("task0", "task1"):
+                raw_b(layers[t], name).add_(torch.randn_like(raw_b(layers[t], name)))
+    after = model(X)
+    if inference == "sum":
+        assert not torch.allclose(after, before, atol=1e-4, rtol=0)
+        return
+    assert torch.equal(after, before)
+    assert all(list(layers[t].active_adapters) == ["task2"] for t in learner.specific_targets)
+    assert all(list(layers[t].active_adapters) == [SHARED] for t in learner.shared_targets)
+    model.zero_grad(set_to_none=True)
+    after.sum().backward()
+    for t in learner.specific_targets:
+        assert raw_b(layers[t], "task2").grad.abs().sum() > 0
+        assert all(raw_b(layers[t], n).grad is None for n in ("task0", "task1"))
+    with torch.no_grad():  # and the current one does count
+        for t in learner.specific_targets:
+            raw_b(layers[t], "task2").zero_()
+        assert not torch.allclose(model(X), before, atol=1e-4, rtol=0)
+
+
+def test_teacher_is_refreshed_every_task():
+    model, head = with_head()
+    learner = make_learner("cllora", model)
+    train_head_task(learner, head, TASKS[0])
+    end0 = shared_bs(learner)
+    train_head_task(learner, head, TASKS[1])
+    end1 = shared_bs(learner)
+    assert all(torch.equal(learner.old_shared[t], end0[t]) for t in learner.shared_targets)  # task 1's teacher
+    head.add_task(TASKS[2])
+    learner.begin_task(None)
+    for t in learner.shared_targets:
+        assert not torch.equal(end1[t], end0[t])
+        assert torch.equal(learner.old_shared[t], end1[t])  # the end of task 1, not of task 0
+    perturb_shared(learner)
+    assert all(torch.equal(learner.old_shared[t], end1[t]) for t in learner.shared_targets)  # a copy
+
+
+# -- block weights as a parametrization ----------------------------------------------------------------------
+def test_delta_weight_and_merge_include_the_block_weight():
+    learner = make_learner("cllora", tiny(), rank=4, alpha=6.0)  # s = 1.5
+    learner.begin_task(None)
+    model = learner.model.to(torch.float64)
+    beta = learner.block_weights["task0"]
+    assert beta.dtype == torch.float64
+    assert all(m.beta is beta for m in learner._blocks["task0"].values())
+    assert sum(p is beta for p in model.parameters()) == 1
+    assert sum(p is beta for p in learner.trainable_parameters()) == 1
+    assert any(k.endswith("lora_B.task0.parametrizations.weight.0.beta") for k in model.state_dict())
+    layers = learner.layers()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        beta.copy_(torch.rand(len(beta), generator=g, dtype=torch.float64) + 0.5)
+        for t in learner.specific_targets:
+            layers[t].lora_A["task0"].weight.copy_(torch.randn(4, 16, generator=g, dtype=torch.float64))
+            raw_b(layers[t], "task0").copy_(torch.randn(16, 4, generator=g, dtype=torch.float64))
+    for j, t in enumerate(learner.specific_targets):
+        layer = layers[t]
+        hand = beta[j].item() * 1.5 * raw_b(layer, "task0").detach() @ layer.lora_A["task0"].weight.detach()
+        torch.testing.assert_close(delta_weight(layer, "task0"), hand, atol=1e-12, rtol=0)
+        w0 = layer.base_layer.weight.detach().clone()
+        x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            unmerged = layer(x)
+            layer.merge(adapter_names=["task0"])
+            torch.testing.assert_close(layer.base_layer.weight - w0, hand, atol=1e-12, rtol=0)
+            activate(model, [SHARED])
+            torch.testing.assert_close(layer(x), unmerged, atol=1e-12, rtol=0)
+            layer.unmerge()
+            learner._activate()
+
+
+def test_block_weights_follow_model_conversions():
+    learner = make_learner("cllora", tiny())
+    learner.begin_task(None)
+    learner.model.double()
+    assert learner.block_weights["task0"].dtype == torch.float64
+    learner.model.float()
+    params = learner.begin_task(None)
+    betas = learner.block_weights
+    assert betas["task1"].dtype == torch.float32 and betas["task1"].requires_grad
+    assert not betas["task0"].requires_grad
+    assert len({id(p) for p in params}) == len(params) and any(p is betas["task1"] for p in params)

@@ -45,10 +45,11 @@ def test_plugin_trains_only_adapters_and_head(bench, strategy_cls):
     kwargs = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), train_mb_size=16,
                   train_epochs=1, eval_mb_size=64, device="cpu", evaluator=None, criterion=nn.CrossEntropyLoss())
     if strategy_cls is LoRAStrategy:
-        strategy = LoRAStrategy(method="olora", method_options={"rank": 2}, plugins=[spy], **kwargs)
+        strategy = LoRAStrategy(method="olora", method_options={"rank": 2, "target_modules": ["q", "k", "v"]},
+                                plugins=[spy], **kwargs)
         plugin = strategy.lora_plugin
     else:
-        plugin = LoRAPlugin(method="olora", options={"rank": 2})
+        plugin = LoRAPlugin(method="olora", options={"rank": 2, "target_modules": ["q", "k", "v"]})
         extra = {"mem_size": 20} if strategy_cls is Replay else {}
         strategy = strategy_cls(plugins=[plugin, spy], **kwargs, **extra)
     adapters_after = []
@@ -105,6 +106,7 @@ def test_every_learner_on_tiny_open_clip_vit(method):
                           text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1})
     model = ZeroShotClassifier(clip, torch.nn.functional.normalize(torch.randn(3, 16), dim=1))
     learner = make_learner(method, model, rank=2, target_modules=["c_fc", "c_proj"])
+    learner.set_stream_length(2)  # InfLoRA's schedule (the Avalanche plugin reads it from the stream)
     assert len(learner.targets) == 4
     assert all(t.startswith("image_encoder.transformer.resblocks.") for t in learner.targets)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
@@ -137,6 +139,7 @@ def test_learners_on_minilm_bert_encoder(minilm, method):
 
     model = TextClassifier(copy.deepcopy(minilm), 2)
     learner = make_learner(method, model, rank=2, target_modules=["query", "value"])
+    learner.set_stream_length(3)
     assert len(learner.targets) == 12  # 6 BERT layers x (query, value)
     texts, y = ["a cat sat on the mat", "stock prices fell sharply"], torch.tensor([0, 1])
     before = model(texts).detach()
