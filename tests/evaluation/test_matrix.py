@@ -120,7 +120,7 @@ def test_non_square_matrix_raises(fn):
 
 
 @pytest.mark.parametrize("bad, shape", [([], r"\(0,\)"), ([[]], r"\(1, 0\)"), ([0.1, 0.2], r"\(2,\)"),
-                                        (np.zeros((2, 2, 2)), r"\(2, 2, 2\)")])
+                                        (np.zeros((2, 2, 2)), r"\(2, 2, 2\)"), (np.zeros((0, 3)), r"\(0, 3\)")])
 def test_empty_or_not_2d_raises(bad, shape):
     with pytest.raises(ValueError, match=r"non-empty 2-D array, got shape " + shape):
         final_accuracy(bad)
@@ -130,7 +130,7 @@ def test_empty_or_not_2d_raises(bad, shape):
 @pytest.mark.parametrize("fn", [final_accuracy, forgetting, backward_transfer, average_incremental_accuracy])
 def test_non_finite_raises(fn, value):
     m = [[0.9, 0.1], [value, 0.8]]
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match=r"^accuracy matrix contains NaN or Inf$"):
         fn(m)
 
 
@@ -138,3 +138,42 @@ def test_summarize_matrix_keys_and_values():
     out = summarize_matrix(R)
     assert list(out) == ["final_acc", "avg_inc_acc", "bwt", "forgetting"]
     assert out == pytest.approx({"final_acc": 0.7, "avg_inc_acc": 2.3 / 3, "bwt": -0.25, "forgetting": 0.25})
+
+
+# Two experiences; accuracy on experience 0 *rises* after learning experience 1 (positive backward transfer).
+TWO = [
+    [0.5, 0.1],
+    [0.7, 0.8],
+]
+
+
+def test_two_by_two_matrix_by_hand():
+    # the smallest matrix with a backward step: every metric is defined (not nan)
+    # final: (0.7 + 0.8) / 2 = 0.75
+    assert final_accuracy(TWO) == pytest.approx(0.75)
+    # avg inc: (0.5 + (0.7 + 0.8) / 2) / 2 = (0.5 + 0.75) / 2 = 0.625
+    assert average_incremental_accuracy(TWO) == pytest.approx(0.625)
+    assert accuracy_seen_so_far(TWO) == pytest.approx([0.5, 0.75])
+    # BWT: j=0 only: R[1][0] - R[0][0] = 0.7 - 0.5 = +0.2
+    assert backward_transfer(TWO) == pytest.approx(0.2)
+    # forgetting: j=0: max over l in [0, T-1) = {0} of R[l][0] = 0.5, minus R[1][0] = 0.7 -> -0.2; the final row
+    # never enters the max, so a final improvement shows as negative forgetting (not clipped to 0)
+    assert forgetting(TWO) == pytest.approx(-0.2)
+
+
+def test_forgetting_max_excludes_the_final_row():
+    # j=0: max(R[0][0], R[1][0]) = max(0.2, 0.6) = 0.6; R[2][0] = 0.9 -> -0.3
+    # j=1: max(R[1][1]) = 0.5; R[2][1] = 0.4 -> 0.1
+    # mean: (-0.3 + 0.1) / 2 = -0.1 (including the last row in the max would give (0 + 0.1) / 2 = 0.05)
+    assert forgetting([[0.2, 0.0, 0.0], [0.6, 0.5, 0.0], [0.9, 0.4, 0.3]]) == pytest.approx(-0.1)
+
+
+def test_float32_input_is_averaged_in_float64():
+    # float32 accuracies (e.g. from torch) are promoted before averaging: the result is the float64 mean of the
+    # float32 values (0.1000000015 + 0.2000000030 + 0.6999999881) / 3 = 0.33333333085, not the float32 mean
+    # 0.33333334327
+    row = np.asarray([[0.1, 0.2, 0.7]], dtype=np.float32)
+    exact = (float(np.float32(0.1)) + float(np.float32(0.2)) + float(np.float32(0.7))) / 3
+    assert exact == pytest.approx(0.33333333085, abs=1e-11)
+    assert final_accuracy(row) == pytest.approx(exact, rel=1e-12)
+    assert final_accuracy(row) != float(row[0].mean())  # the float32 mean differs in the 8th digit
