@@ -8,7 +8,11 @@ The plugin only connects Avalanche's callbacks to the learner's four calls; the 
   earlier adapters);
 - ``before_backward``: ``strategy.loss += learner.penalty()``;
 - ``after_backward``: ``learner.after_backward()`` (gradient projections);
+- ``after_update``: ``learner.after_step()`` (constraints restored after the optimizer step);
 - ``after_training_exp``: ``learner.end_task(inputs)``.
+
+Before the first experience the learner is told the stream's length (``set_stream_length``: InfLoRA's
+threshold schedule), read from the experience's ``origin_stream``.
 
 ``inputs`` are up to ``max_samples`` inputs of the current experience (never the replay buffer), taken in a
 fixed seeded order with the evaluation transforms.
@@ -39,6 +43,14 @@ def experience_inputs(strategy: Any, max_samples: int, seed: int = 0) -> list:
     return [batch[0].to(strategy.device) for batch in loader]
 
 
+def stream_length(experience: Any) -> int | None:
+    """The number of experiences of the stream ``experience`` comes from (None when it cannot be told)."""
+    try:
+        return len(experience.origin_stream)
+    except (AttributeError, TypeError):
+        return None
+
+
 class LoRAPlugin(SupervisedPlugin):
     """Train a continual LoRA learner inside any ``SupervisedTemplate`` (Naive, Replay, ...).
 
@@ -62,6 +74,10 @@ class LoRAPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         learner = self.learner
+        if learner.task < 0:
+            n = stream_length(strategy.experience)
+            if n is not None:
+                learner.set_stream_length(n)
         self._inputs = experience_inputs(strategy, self.config.max_samples) if learner.needs_inputs else None
         params = learner.begin_task(self._inputs)
         restrict_optimizer(strategy, params, self.config.lr)
@@ -73,6 +89,9 @@ class LoRAPlugin(SupervisedPlugin):
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         self.learner.after_backward()
+
+    def after_update(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.after_step()
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.learner.end_task(self._inputs)

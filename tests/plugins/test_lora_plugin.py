@@ -149,3 +149,44 @@ def test_learners_on_minilm_bert_encoder(minilm, method):
         learner.end_task()
     for _ in range(2):
         _step_only_moves_returned_params(learner, model, texts, y, [texts])
+
+
+def _naive_with(plugin, model):
+    return Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), train_mb_size=16,
+                 train_epochs=1, eval_mb_size=64, device="cpu", evaluator=None, criterion=nn.CrossEntropyLoss(),
+                 plugins=[plugin])
+
+
+def test_plugin_takes_the_schedule_from_the_stream_and_refuses_a_shorter_one(bench):
+    torch.manual_seed(0)
+    plugin = LoRAPlugin(method="inflora", options={"rank": 2})
+    strategy = _naive_with(plugin, TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10)))
+    strategy.train(bench.scenario.train_stream[0])
+    assert plugin.learner.total_tasks == 2  # the stream's length, not a default
+    short = LoRAPlugin(method="inflora", options={"rank": 2, "total_tasks": 1})
+    strategy = _naive_with(short, TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10)))
+    with pytest.raises(ValueError, match="total_tasks=1 is smaller than the stream's 2 experiences"):
+        strategy.train(bench.scenario.train_stream[0])
+    assert short.learner.task == -1  # refused before any training
+
+
+def test_plugin_restores_the_gpm_constraint_after_every_optimizer_step(bench):
+    torch.manual_seed(0)
+    plugin = LoRAPlugin(method="gpm_lora", options={"rank": 2, "threshold": 0.9})
+    steps = []
+
+    class Check(SupervisedPlugin):
+        def after_update(self, strategy, **kwargs):  # runs after LoRAPlugin's after_update
+            learner = plugin.learner
+            if learner.task == 1:
+                worst = max(float((a @ learner.basis_like(n, a)).norm() / a.norm())
+                            for n, a in learner._a_weights().items() if learner.basis_like(n, a) is not None)
+                steps.append(worst)
+
+    model = TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10))
+    strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), train_mb_size=16,
+                     train_epochs=1, eval_mb_size=64, device="cpu", evaluator=None, criterion=nn.CrossEntropyLoss(),
+                     plugins=[plugin, Check()])
+    for exp in bench.scenario.train_stream:
+        strategy.train(exp)
+    assert steps and max(steps) < 1e-5
