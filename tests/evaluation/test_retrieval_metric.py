@@ -78,3 +78,28 @@ def test_within_task_accuracy_restricts_the_argmax_to_the_tasks_classes():
     assert within_task_accuracy(logits, torch.tensor([0, 1, 2]), [0, 1, 2, 3, 9]) == (3, 3)
     with pytest.raises(ValueError, match=r"targets \[1\] are not among the task's classes"):
         within_task_accuracy(logits, torch.tensor([1, 2, 3]), [2, 3])
+
+
+def test_within_task_plugin_metric_matches_a_direct_count_per_experience_and_stream():
+    from avalanche_merge.evaluation.within_task import within_task_metrics
+
+    bench = build_benchmark("split_digits", seed=0, n_experiences=2, max_train_per_class=10)
+    torch.manual_seed(0)
+    model = TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10))
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=32, eval_mb_size=7,
+                     evaluator=EvaluationPlugin(*within_task_metrics(), loggers=[]))
+    results = strategy.eval(bench.test_stream)
+    model.eval()
+    correct = total = 0
+    for k, exp in enumerate(bench.test_stream):
+        data = exp.dataset.eval()
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        y = torch.tensor([data[i][1] for i in range(len(data))])
+        classes = sorted(exp.classes_in_this_experience)
+        with torch.no_grad():
+            pred = torch.tensor(classes)[model(x)[:, classes].argmax(1)]
+        hits = int((pred == y).sum())
+        assert results[f"WithinTaskAcc_Exp/eval_phase/test_stream/Exp{k:03d}"] == pytest.approx(hits / len(y))
+        correct, total = correct + hits, total + len(y)
+    assert results["WithinTaskAcc_Stream/eval_phase/test_stream"] == pytest.approx(correct / total)
