@@ -147,7 +147,8 @@ class ZeroShotClassifier(nn.Module):
         return F.normalize(out, dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * self.head(self.features(images).to(self.head.weight.dtype))
+        dtype = next(self.head.parameters()).dtype  # any head module (a per-task head replaces the linear one)
+        return self.logit_scale * self.head(self.features(images).to(dtype))
 
 
 def _resolve_config(model_name: str, model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:

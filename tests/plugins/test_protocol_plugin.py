@@ -176,3 +176,58 @@ def test_per_task_refuses_repeated_classes(digits):
     strategy.train(digits.train_stream[0])
     with pytest.raises(ValueError, match="needs disjoint classes per experience"):
         strategy.train(digits.train_stream[0])
+
+
+def _random_images_benchmark():
+    from torch.utils.data import TensorDataset
+
+    from avalanche_merge.benchmarks.base import as_classification_dataset, make_scenario
+
+    g = torch.Generator().manual_seed(0)
+
+    def dataset(n, classes):
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        y = torch.tensor(classes)[torch.arange(n) % len(classes)]
+        return as_classification_dataset(TensorDataset(x, y), y, 0)
+
+    return make_scenario([dataset(32, [0, 1]), dataset(32, [2, 3])], [dataset(16, [0, 1]), dataset(16, [2, 3])])
+
+
+def _tiny_timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=4)
+
+
+def _tiny_open_clip_zero_shot():
+    open_clip = pytest.importorskip("open_clip")
+    from avalanche_merge.models.clip import ZeroShotClassifier
+
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                                    "head_width": 16},
+                          text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1})
+    return ZeroShotClassifier(clip, torch.nn.functional.normalize(torch.randn(4, 16), dim=1))
+
+
+@pytest.mark.parametrize("make_model", [_tiny_timm_vit, _tiny_open_clip_zero_shot])
+@pytest.mark.parametrize("protocol", ["masked", "per_task", "frozen"])
+def test_protocols_on_a_timm_vit_and_an_open_clip_zero_shot_head(make_model, protocol):
+    torch.manual_seed(0)
+    model = make_model()
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    probe = Probe(lambda m: m.head.heads[-1].weight if protocol == "per_task" else m.head.weight)
+    outputs = EvalProbe()
+    strategy = make(Naive, model, [HeadProtocolPlugin(protocol=protocol), probe, outputs])
+    benchmark = _random_images_benchmark()
+    for exp in benchmark.train_stream:
+        strategy.train(exp)
+    strategy.eval(benchmark.test_stream)
+    assert all(math.isfinite(v) for v in probe.losses)
+    out = torch.cat(outputs.outputs)
+    assert out.shape == (32, 4) and torch.isfinite(out).all()
+    if protocol == "frozen":
+        assert all(torch.equal(before[k], model.head.state_dict()[k]) for k in before)
+    else:
+        assert probe.grads[-1] is not None and probe.grads[-1].abs().sum() > 0
+    if protocol == "per_task":
+        assert isinstance(model.head, PerTaskHead) and model.head.task_classes == [[0, 1], [2, 3]]
