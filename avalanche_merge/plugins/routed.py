@@ -11,6 +11,12 @@ just calls ``model(x)``). Per experience:
   embeddings;
 - ``before_eval_exp`` (router ``"oracle"`` only): the oracle task is the evaluated experience's index.
 
+A routed model trains one task's adapter and head at a time, and each head predicts only its own task's classes:
+a strategy that mixes earlier experiences' samples into training (Avalanche's ``Replay`` and other plugins with a
+replay buffer, ``Cumulative``) would send them to a head without their class. That is refused with a clear error
+before training (``before_training``), and any mini-batch holding a class outside the current experience's is
+refused before its forward pass (issue 14: it used to train silently on placeholder logits).
+
 The plugin exposes the model as ``.router`` (the :class:`~avalanche_merge.retrieval.router.Router` interface).
 """
 
@@ -58,16 +64,37 @@ class RoutedPlugin(SupervisedPlugin):
         if not isinstance(model, RoutedLoRA):
             raise TypeError(f"model must be a RoutedLoRA, got {type(model).__name__}")
         self.router = model
+        self._classes: list[int] = []
 
     def _check(self, strategy: Any) -> RoutedLoRA:
         if strategy.model is not self.router:
             raise RuntimeError("RoutedPlugin: the strategy's model must be the plugin's RoutedLoRA")
         return self.router
 
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        self._check(strategy)
+        mixing = [type(p).__name__ for p in strategy.plugins if hasattr(p, "storage_policy")]
+        if mixing or any(c.__name__ == "Cumulative" for c in type(strategy).__mro__):
+            what = f"plugin {mixing[0]}" if mixing else f"strategy {type(strategy).__name__}"
+            raise ValueError(f"retrieval-routed methods (CoLoR, Proteus) cannot train with earlier experiences' "
+                             f"samples mixed in ({what}): each task's head predicts only its own classes; use "
+                             f"Naive or the registered 'color' / 'proteus' strategies")
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = self._check(strategy)
-        params = model.begin_task(experience_classes(strategy.experience))
+        self._classes = experience_classes(strategy.experience)
+        params = model.begin_task(self._classes)
         restrict_optimizer(strategy, params, model.config.lr)
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        if not strategy.is_training:
+            return
+        present = torch.as_tensor(strategy.mb_y).unique().tolist()
+        foreign = sorted(set(present) - set(self._classes))
+        if foreign:
+            raise ValueError(f"a training mini-batch of a retrieval-routed method holds classes {foreign[:4]} that are "
+                             f"not in the current experience ({self._classes[:8]}): samples of earlier experiences "
+                             f"(replay) cannot train a routed model, whose heads predict only their own task's classes")
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         penalty = self.router.penalty()

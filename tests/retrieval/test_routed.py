@@ -157,3 +157,53 @@ def test_tiny_avalanche_run(method, tmp_path):
     assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
     assert math.isclose(result["metrics"]["final_acc"], R[-1].mean())
     assert result["trainable_params"] > 0
+
+
+def _routed_benchmark():
+    from torch.utils.data import TensorDataset
+
+    from avalanche_merge.benchmarks.base import as_classification_dataset, make_scenario
+
+    def dataset(t):
+        x, y = _task_data(t)
+        return as_classification_dataset(TensorDataset(x, y), y, 0)
+
+    return make_scenario([dataset(0), dataset(1)], [dataset(0), dataset(1)])
+
+
+def _strategy(cls, model, plugins, **kwargs):
+    from avalanche_merge.plugins.routed import RoutedPlugin
+
+    return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=8, train_epochs=1,
+               eval_mb_size=24, criterion=torch.nn.CrossEntropyLoss(), evaluator=None,
+               plugins=[*plugins, RoutedPlugin(model)], **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["replay", "cumulative"])
+def test_routed_methods_refuse_strategies_that_mix_old_samples_before_training(kind):
+    """Issue 14: replayed old-class samples used to train against placeholder logits (loss ~5e8), silently."""
+    from avalanche.training import Cumulative, Naive
+    from avalanche.training.plugins import ReplayPlugin
+
+    model = RoutedLoRA(_backbone(), config=CoLoRConfig(n_components=2), num_classes=4)
+    strategy = (_strategy(Naive, model, [ReplayPlugin(mem_size=8)]) if kind == "replay"
+                else _strategy(Cumulative, model, []))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="cannot train with earlier experiences' samples mixed in"):
+        strategy.train(_routed_benchmark().train_stream[0])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # refused before any step
+
+
+def test_routed_methods_refuse_a_batch_with_another_experiences_classes():
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training import Naive
+
+    class Inject(SupervisedPlugin):  # a user's plugin that mixes in a sample of another task
+        def before_forward(self, strategy, **kwargs):
+            strategy.mbatch[1][0] = 3
+
+    model = RoutedLoRA(_backbone(), config=CoLoRConfig(n_components=2), num_classes=4)
+    strategy = _strategy(Naive, model, [Inject()])
+    with pytest.raises(ValueError, match=r"holds classes \[3\] that are not in the current experience \(\[0, 1\]\)"):
+        strategy.train(_routed_benchmark().train_stream[0])
