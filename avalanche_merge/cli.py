@@ -35,12 +35,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(results: list[dict], rows: list[dict], out: Path, t0: float) -> int:
+def _finish(results: list[dict], rows: list[dict], out: Path, t0: float, *, planned: int | None = None) -> int:
+    """Print the table; exit status 1 when some planned runs did not complete (``--keep-going``)."""
     from .runner.suite import print_table
 
     print_table(rows)
     print(f"{len(results)} runs; summary: {out / 'summary.csv'}, {out / 'summary.md'}; plots: {out / 'plots'}")
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    if planned is not None and len(results) < planned:
+        print(f"avalanche-merge: {planned - len(results)} of {planned} runs failed (their error.json files say why)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,7 +63,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  {p.run_id}")
         return 0
     results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
-    return _finish(results, rows, Path(args.out), t0)
+    return _finish(results, rows, Path(args.out), t0, planned=_planned(config))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -66,11 +71,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .runner.bench import bench_config
 
     t0 = time.perf_counter()
-    config = bench_config(seeds=args.seeds, epochs=args.epochs,
-                          methods=args.methods.split(",") if args.methods else None,
-                          benchmarks=args.benchmarks.split(",") if args.benchmarks else None)
+    methods, benchmarks = _name_list("--methods", args.methods), _name_list("--benchmarks", args.benchmarks)
+    config = bench_config(seeds=args.seeds, epochs=args.epochs, methods=methods, benchmarks=benchmarks)
     results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
-    return _finish(results, rows, Path(args.out), t0)
+    return _finish(results, rows, Path(args.out), t0, planned=_planned(config))
+
+
+def _name_list(flag: str, value: str | None) -> list[str] | None:
+    """A comma-separated CLI list (None when the flag is absent); an empty list or name is an error."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",")]
+    if not any(names) or not all(names):
+        raise ConfigError(f"{flag}: expected comma-separated names, got {value!r}")
+    return names
+
+
+def _planned(config) -> int:
+    from .runner import plan_experiment
+
+    return len(plan_experiment(config))
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:

@@ -117,9 +117,11 @@ def to_dict(config: Any) -> dict:
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the given interval."""
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and lies in the given interval."""
     if value != value:  # NaN fails every comparison below
         raise ValueError(f"{name} must be a number, got NaN")
+    if value in (float("inf"), float("-inf")):  # an unbounded side still means a finite value
+        raise ValueError(f"{name} must be finite, got {value}")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..strategies.registry import TrainConfig
 from .analysis import AnalysisConfig, describe_analysis
 
 LOGGERS = ("interactive", "text", "csv", "tensorboard")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+.\-]{0,79}$")
 RESULT_FORMAT = 1
 
 
@@ -190,6 +192,11 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
         raise ConfigError(f"model.name: {exc}") from None
     model_options = from_dict(model_spec.config_cls, config.model.options, where="model.options")
     labels = [m.label or (m.name if m.protocol is None else f"{m.name}-{m.protocol}") for m in config.methods]
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not _LABEL.match(label) or "__" in label:
+            raise ConfigError(f"methods[{i}].label: {label!r} must be 1-80 characters of letters, digits and "
+                              f"'_', '-', '+', '.', start with a letter or digit and hold no '__' (it names "
+                              f"the run's folder)")
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ConfigError(f"methods: label {dupes[0]!r} is used twice; give each entry a distinct 'label'")

@@ -74,6 +74,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
                     raise
                 continue
             write_json_atomic(result_path(out, plan), result)
+            (result_path(out, plan).parent / "error.json").unlink(missing_ok=True)  # a failure it replaces
             results.append(result)
             if progress:
                 tqdm.write(f"  {plan.run_id}: final acc {100 * result['metrics']['final_acc']:.1f}% "

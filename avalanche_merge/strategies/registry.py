@@ -26,6 +26,8 @@ from ..config import check_range
 from ..protocol import CHOOSABLE, check_protocol
 from ..registry import Registry
 
+MAX_RATE = 10.0  # learning rates and weight decays above this are refused (a run would only diverge)
+
 
 @dataclass
 class TrainConfig:
@@ -55,8 +57,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
             raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {self.optimizer!r}")
-        check_range("lr", self.lr, 0.0, None, low_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("lr", self.lr, 0.0, MAX_RATE, low_open=True)  # above it no optimizer trains: a typo
+        check_range("weight_decay", self.weight_decay, 0.0, MAX_RATE)
         check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
 
 

@@ -1,0 +1,63 @@
+"""Bad input never trains or stores anything silently (part of issue 15): non-finite or absurd settings, labels
+that would become paths, empty CLI lists, and the exit status of ``--keep-going`` when runs failed."""
+
+import json
+
+import pytest
+from conftest import tiny_experiment
+
+import avalanche_merge.runner.suite as suite_module
+from avalanche_merge.cli import main
+from avalanche_merge.config import ConfigError
+from avalanche_merge.runner import load_experiment, plan_experiment, run_experiment
+
+
+def plan(methods, **overrides):
+    return plan_experiment(load_experiment(tiny_experiment(methods, **overrides)))
+
+
+@pytest.mark.parametrize(("overrides", "methods", "match"), [
+    ({"train": {"lr": float("inf")}}, ["naive"], r"lr must be finite, got inf"),
+    ({"train": {"lr": 1e300}}, ["naive"], r"lr must be in \(0.0, 10.0\], got 1e\+300"),
+    ({"train": {"weight_decay": float("inf")}}, ["naive"], r"weight_decay must be finite"),
+    ({}, [{"name": "ewc", "options": {"ewc_lambda": float("inf")}}], r"ewc_lambda must be finite, got inf"),
+    ({}, [{"name": "lwf", "options": {"alpha": float("-inf")}}], r"alpha must be finite, got -inf"),
+    ({}, [{"name": "inflora", "options": {"lr": float("inf")}}], r"lr must be finite, got inf"),
+])
+def test_non_finite_and_absurd_settings_are_refused_at_plan_time(overrides, methods, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(methods, **overrides)
+
+
+@pytest.mark.parametrize("label", ["a/../../../escaped", "../up", "x/y", ".hidden", "a__b", "a b", "x" * 81, "a\\b"])
+def test_labels_that_are_not_safe_folder_names_are_refused(label):
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.label: .* must be 1-80 characters"):
+        plan([{"name": "naive", "label": label}])
+
+
+def test_safe_labels_are_accepted():
+    (run,) = plan([{"name": "naive", "label": "naive_lr-1e-3+v2.1"}])
+    assert run.run_id.startswith("split_digits__naive_lr-1e-3+v2.1__seed0__")
+
+
+@pytest.mark.parametrize("flags", [["--methods", ""], ["--methods", "naive,,ewc"], ["--benchmarks", ","]])
+def test_empty_cli_lists_are_refused(flags, tmp_path, capsys):
+    assert main(["bench", *flags, "--out", str(tmp_path), "--quiet"]) == 2
+    assert "expected comma-separated names" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing planned, nothing run
+
+
+def test_keep_going_exits_non_zero_when_a_run_failed_and_success_removes_a_stale_error(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_experiment(["naive"])))
+    real = suite_module.execute_run
+
+    def crash(plan, run_dir):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(suite_module, "execute_run", crash)
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet", "--keep-going"]) == 1
+    (error,) = (tmp_path / "out" / "runs").glob("*/error.json")
+    monkeypatch.setattr(suite_module, "execute_run", real)
+    results, _ = run_experiment(load_experiment(path), tmp_path / "out", progress=False, plots=False)
+    assert len(results) == 1 and not error.exists()  # the later success removed the stale error record
