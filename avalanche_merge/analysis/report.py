@@ -94,6 +94,9 @@ def load_results(results_dir: str | Path) -> list[dict]:
             _warn(f"skipping {p}: status {r.get('status') if isinstance(r, dict) else None!r}, not 'complete'")
             continue
         results.append(r)
+    from ..runner.summary import split_labels
+
+    results = split_labels(results)  # runs of different configs under one label are not seeds of one config
     results.sort(key=lambda r: (str(r.get("benchmark")), str(r.get("label")), r.get("seed", 0)))
     return results
 

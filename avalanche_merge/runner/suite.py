@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .plan import ExperimentConfig, RunPlan, plan_experiment
 from .run import execute_run, write_json_atomic
-from .summary import format_table, summarize, write_summary
+from .summary import format_table, split_labels, summarize, write_summary
 
 
 def result_path(out_dir: Path, plan: RunPlan) -> Path:
@@ -86,7 +86,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
             if plots:
                 from ..analysis.plots import plot_runs
 
-                plot_runs(results, out / "plots")
+                plot_runs(split_labels(results), out / "plots")
     if failures:
         tqdm.write(f"{len(failures)} run(s) failed: " + "; ".join(f"{rid}: {err}" for rid, err in failures))
     return results, rows

@@ -8,6 +8,8 @@ values that are the same for every seed (e.g. ``trainable_params``) get one colu
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -54,6 +56,22 @@ def run_protocol(result: dict) -> str:
     return protocol
 
 
+def config_key(result: dict) -> str:
+    """A short hash of a stored run's config without its seed and label: runs of one config share it."""
+    config = {k: v for k, v in (result.get("config") or {}).items() if k not in ("seed", "label")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def split_labels(results: list[dict]) -> list[dict]:
+    """``results`` where a (benchmark, label) holds runs of different configs: their labels become
+    ``<label>@<config key>``, so that no summary averages different configs as seeds of one (issue 15)."""
+    keys: dict[tuple, set] = {}
+    for r in results:
+        keys.setdefault((r["benchmark"], r["label"]), set()).add(config_key(r))
+    return [{**r, "label": f"{r['label']}@{config_key(r)}"} if len(keys[(r["benchmark"], r["label"])]) > 1 else r
+            for r in results]
+
+
 def _stats(values: list) -> tuple[float, float]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -64,7 +82,7 @@ def _stats(values: list) -> tuple[float, float]:
 def summarize(results: list[dict]) -> list[dict]:
     """One row per (benchmark, method label, head protocol), in first-seen order, with mean/std over seeds."""
     groups: OrderedDict[tuple[str, str, str], list[dict]] = OrderedDict()
-    for r in results:
+    for r in split_labels(results):
         groups.setdefault((r["benchmark"], r["label"], run_protocol(r)), []).append(r)
     rows = []
     for (bench, label, protocol), runs in groups.items():

@@ -61,3 +61,22 @@ def test_keep_going_exits_non_zero_when_a_run_failed_and_success_removes_a_stale
     monkeypatch.setattr(suite_module, "execute_run", real)
     results, _ = run_experiment(load_experiment(path), tmp_path / "out", progress=False, plots=False)
     assert len(results) == 1 and not error.exists()  # the later success removed the stale error record
+
+
+def test_runs_of_different_configs_under_one_label_are_never_averaged(tmp_path):
+    """Issue 15: two experiments in one folder, the same label, different options: two rows, one seed each."""
+    from avalanche_merge.analysis.report import load_results
+    from avalanche_merge.runner.summary import config_key, summarize
+
+    for lam in (10.0, 1000.0):
+        entry = {"name": "ewc", "label": "ewc", "options": {"ewc_lambda": lam}}
+        run_experiment(load_experiment(tiny_experiment([entry], train={"epochs": 1, "batch_size": 16})), tmp_path,
+                       progress=False, plots=False)
+    stored = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/result.json"))]
+    assert len(stored) == 2 and len({config_key(r) for r in stored}) == 2
+    rows = summarize(stored)
+    assert sorted(r["n_seeds"] for r in rows) == [1, 1]
+    assert all(r["method"].startswith("ewc@") for r in rows) and rows[0]["method"] != rows[1]["method"]
+    assert sorted(r["label"] for r in load_results(tmp_path)) == sorted(r["method"] for r in rows)  # the report too
+    single = summarize([r for r in stored if r["config"]["method_options"]["ewc_lambda"] == 10.0])
+    assert [r["method"] for r in single] == ["ewc"]  # one config under a label keeps its plain label
