@@ -30,13 +30,13 @@ from .steps import (
     global_magnitude_threshold,
     trim,
 )
-from .task_vector import TaskVector, check_task_vectors
+from .task_vector import TaskVector, check_scalar, check_task_vectors
 
 
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
-    w = [float(x) for x in weights]
+    w = [check_scalar(f"weights[{i}]", x) for i, x in enumerate(weights)]
     if len(w) != n:
         raise ValueError(f"got {len(w)} weights for {n} task vectors")
     return w

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from .registry import OFFLINE_MERGES
-from .task_vector import TaskVector
+from .task_vector import TaskVector, check_scalar
 
 
 def _open_all(stack: ExitStack, paths: Sequence[Path], device: str) -> list:
@@ -31,6 +31,22 @@ def _open_all(stack: ExitStack, paths: Sequence[Path], device: str) -> list:
             raise FileNotFoundError(f"checkpoint not found: {p}")
         handles.append(stack.enter_context(safe_open(str(p), framework="pt", device=device)))
     return handles
+
+
+def _check_unchanged(name: str, pre: torch.Tensor, finetuned: list) -> None:
+    """A non-floating tensor (integer, bool, complex) is not merged: it must equal the pretrained one in every
+    fine-tuned file, except an integer counter of one element (e.g. BatchNorm's ``num_batches_tracked``), which
+    keeps the pretrained value. Anything else (int8 weights, complex tensors) that changed would be silently
+    dropped, so it is refused."""
+    counter = pre.numel() == 1 and not pre.is_complex() and pre.dtype != torch.bool
+    for path, t in finetuned:
+        if t.dtype != pre.dtype or t.shape != pre.shape:
+            raise ValueError(f"parameter {name!r} is {t.dtype} {tuple(t.shape)} in {path} but {pre.dtype} "
+                             f"{tuple(pre.shape)} in the pretrained file")
+        if not counter and not torch.equal(t, pre):
+            raise ValueError(f"parameter {name!r} ({pre.dtype}) differs between the pretrained file and {path}; "
+                             f"non-floating tensors are not merged (only integer counters of one element keep the "
+                             f"pretrained value)")
 
 
 def merge_safetensors(pretrained: str | Path, finetuned: Sequence[str | Path], out: str | Path, *,
@@ -57,6 +73,7 @@ def merge_safetensors(pretrained: str | Path, finetuned: Sequence[str | Path], o
             or the merge needs the whole model.
     """
     options = dict(options or {})
+    scaling = check_scalar("scaling", scaling)
     fn = OFFLINE_MERGES.get(merge) if isinstance(merge, str) else merge
     if options.get("trim_scope") == "model":
         raise ValueError("trim_scope='model' needs the whole model at once; use trim_scope='tensor' to stream")
@@ -73,10 +90,13 @@ def merge_safetensors(pretrained: str | Path, finetuned: Sequence[str | Path], o
             if keys != set(names):
                 diff = sorted(keys.symmetric_difference(names))[0]
                 raise ValueError(f"parameter {diff!r} is in only one of {pretrained} and {path}")
+        if not names:
+            raise ValueError(f"{pretrained} holds no tensors: nothing to merge")
         metadata = pre_f.metadata()
         for name in tqdm(names, desc="merging tensors", disable=not progress):
             pre = pre_f.get_tensor(name)
             if not pre.is_floating_point():
+                _check_unchanged(name, pre, [(path, f.get_tensor(name)) for path, f in zip(paths, fine_fs)])
                 merged[name] = pre
                 continue
             tvs = [TaskVector.from_state_dicts({name: pre}, {name: f.get_tensor(name)}) for f in fine_fs]

@@ -27,6 +27,17 @@ def _state(obj: nn.Module | StateDict) -> dict[str, torch.Tensor]:
     raise TypeError(f"expected an nn.Module or a state dict, got {type(obj).__name__}")
 
 
+def check_scalar(name: str, value: object) -> float:
+    """``value`` as a finite float; ``TypeError`` / ``ValueError`` naming ``name`` otherwise (a NaN or infinite
+    scaling or weight would write NaN or Inf into every merged weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"parameter {name!r} contains NaN or Inf")
@@ -180,8 +191,11 @@ class TaskVector:
         Non-floating entries (integer buffers) are copied from ``pretrained``.
 
         Raises:
-            ValueError: the floating entries of ``pretrained`` and the task vector differ in keys or shapes.
+            TypeError, ValueError: ``scaling`` is not a finite number.
+            ValueError: the floating entries of ``pretrained`` and the task vector differ in keys or shapes, or a
+                merged entry does not fit the pretrained dtype (an fp16/bf16 overflow), naming the parameter.
         """
+        scaling = check_scalar("scaling", scaling)
         pre = _state(pretrained)
         floats = {k: v for k, v in pre.items() if v.is_floating_point()}
         _check_same_keys(floats, self._v, "pretrained", "task vector")
@@ -193,7 +207,12 @@ class TaskVector:
             if p.shape != self._v[name].shape:
                 raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)} in the pretrained model but "
                                  f"{tuple(self._v[name].shape)} in the task vector")
-            out[name] = (p.to(torch.float32) + scaling * self._v[name].to(p.device)).to(p.dtype)
+            merged = p.to(torch.float32) + scaling * self._v[name].to(p.device)  # fp32 accumulation
+            cast = merged.to(p.dtype)
+            if not torch.isfinite(cast).all():
+                raise ValueError(f"parameter {name!r}: the merged weights reach {float(merged.abs().max()):.4g}, "
+                                 f"beyond the range of {p.dtype}; lower the scaling or merge in float32")
+            out[name] = cast
         return out
 
     def __repr__(self) -> str:
