@@ -96,7 +96,11 @@ def _planned(config) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .models.pretrain import PretrainConfig, pretrained_tiny_vit
 
-    _, meta = pretrained_tiny_vit(PretrainConfig(epochs=args.epochs), cache_dir=args.cache_dir)
+    try:
+        config = PretrainConfig(epochs=args.epochs)
+    except ValueError as exc:
+        raise ConfigError(f"--epochs: {exc}") from None
+    _, meta = pretrained_tiny_vit(config, cache_dir=args.cache_dir)
     print(f"checkpoint: {meta['path']} (clean training accuracy {100 * meta['train_acc_clean']:.1f}%)")
     return 0
 

@@ -31,6 +31,10 @@ def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks
 
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    try:
+        train = TrainConfig(epochs=epochs)
+    except ValueError as exc:
+        raise ConfigError(f"--epochs: {exc}") from None
     names = list(benchmarks or BENCH_BENCHMARKS)
     unknown = [b for b in names if b not in BENCH_BENCHMARKS]
     if unknown:
@@ -42,5 +46,5 @@ def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks
                                    train=dict(BENCH_BENCHMARKS[b]["train"])) for b in names],
         methods=[MethodEntry(name=m) for m in chosen],
         seeds=list(range(seeds)),
-        train=TrainConfig(epochs=epochs),
+        train=train,
     )

@@ -97,8 +97,9 @@ class ExperimentConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         for s in self.seeds:
-            if s < 0:
-                raise ValueError(f"seeds must be >= 0, got {s}")
+            if not 0 <= s < 2**32:  # numpy's and Avalanche's seeding take 32-bit seeds
+                raise ValueError(f"seeds must be in [0, 2**32), got {s}")
+        check_device(self.device)
         bad = [name for name in self.loggers if name not in LOGGERS]
         if bad:
             raise ValueError(f"unknown logger {bad[0]!r}; valid loggers: {list(LOGGERS)}")
@@ -152,6 +153,22 @@ class RunPlan:
         return f"{self.benchmark}__{self.label}__seed{self.seed}__{self.config_hash}"
 
 
+def check_device(device: str) -> None:
+    """Refuse a device string torch does not parse, or a CUDA / MPS device this machine does not have."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+
+
 def _normalise(raw: dict) -> dict:
     """Accept shorthand: a method or benchmark given as a bare name string."""
     if not isinstance(raw, dict):
@@ -174,7 +191,9 @@ def load_experiment(source: str | Path | dict) -> ExperimentConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     return from_dict(ExperimentConfig, _normalise(raw))

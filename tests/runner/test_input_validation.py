@@ -80,3 +80,27 @@ def test_runs_of_different_configs_under_one_label_are_never_averaged(tmp_path):
     assert sorted(r["label"] for r in load_results(tmp_path)) == sorted(r["method"] for r in rows)  # the report too
     single = summarize([r for r in stored if r["config"]["method_options"]["ewc_lambda"] == 10.0])
     assert [r["method"] for r in single] == ["ewc"]  # one config under a label keeps its plain label
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"seeds": [2**32]}, r"seeds must be in \[0, 2\*\*32\), got 4294967296"),
+    ({"device": "banana"}, r"device must be a torch device such as 'cpu' or 'cuda:0', got 'banana'"),
+    ({"device": "cuda:7"}, r"device 'cuda:7': this machine has \d+ CUDA device\(s\)"),
+])
+def test_bad_seeds_and_devices_fail_at_plan_time(overrides, match, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=match):
+        plan(["naive"], **overrides)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_experiment(["naive"], **overrides)))
+    assert main(["run", str(path), "--dry-run"]) == 2  # the promise of --dry-run
+    assert "config error" in capsys.readouterr().err
+
+
+def test_cli_mistakes_exit_2_without_a_traceback(tmp_path, capsys):
+    assert main(["bench", "--epochs", "0", "--out", str(tmp_path), "--quiet"]) == 2
+    assert main(["pretrain", "--epochs", "0"]) == 2
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"name": "caf\xe9"}'.encode("latin-1"))
+    assert main(["run", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs: epochs must be >= 1, got 0" in err and "not UTF-8 text" in err and "Traceback" not in err
