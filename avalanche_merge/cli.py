@@ -49,11 +49,25 @@ def _finish(results: list[dict], rows: list[dict], out: Path, t0: float, *, plan
     return 0
 
 
+def _check_out(out: str) -> None:
+    """Refuse an ``--out`` that is a file or cannot be written, before any work."""
+    import os
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out: {path} exists and is not a folder")
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: {probe} is not writable")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import load_experiment, run_experiment
 
     t0 = time.perf_counter()
     config = load_experiment(args.config)
+    if not args.dry_run:
+        _check_out(args.out)
     if args.dry_run:
         from .runner import plan_experiment
 
@@ -72,6 +86,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     methods, benchmarks = _name_list("--methods", args.methods), _name_list("--benchmarks", args.benchmarks)
+    _check_out(args.out)
     config = bench_config(seeds=args.seeds, epochs=args.epochs, methods=methods, benchmarks=benchmarks)
     results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
     return _finish(results, rows, Path(args.out), t0, planned=_planned(config))
@@ -100,6 +115,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         config = PretrainConfig(epochs=args.epochs)
     except ValueError as exc:
         raise ConfigError(f"--epochs: {exc}") from None
+    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ConfigError(f"--cache-dir: {args.cache_dir} exists and is not a folder")
     _, meta = pretrained_tiny_vit(config, cache_dir=args.cache_dir)
     print(f"checkpoint: {meta['path']} (clean training accuracy {100 * meta['train_acc_clean']:.1f}%)")
     return 0

@@ -29,8 +29,13 @@ def load_result(out_dir: Path, plan: RunPlan) -> dict | None:
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
+        tqdm.write(f"  {plan.run_id}: stored result.json is unreadable ({type(exc).__name__}); running it again")
+        return None
+    required = ("status", "config_hash", "accuracy_matrix", "metrics", "benchmark", "label", "seed")
+    if not isinstance(result, dict) or any(k not in result for k in required):
+        tqdm.write(f"  {plan.run_id}: stored result.json is incomplete or corrupt; running it again")
         return None
     if result.get("status") != "complete" or result.get("config_hash") != plan.config_hash:
         return None

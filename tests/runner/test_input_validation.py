@@ -104,3 +104,33 @@ def test_cli_mistakes_exit_2_without_a_traceback(tmp_path, capsys):
     assert main(["run", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "--epochs: epochs must be >= 1, got 0" in err and "not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_corrupt_stored_result_is_run_again_not_a_crash(tmp_path):
+    from avalanche_merge.runner.suite import load_result, result_path
+
+    config = load_experiment(tiny_experiment(["naive"], train={"epochs": 1, "batch_size": 16}))
+    (first,), _ = run_experiment(config, tmp_path, progress=False, plots=False)
+    (plan_,) = plan_experiment(config)
+    path = result_path(tmp_path, plan_)
+    good = path.read_bytes()
+    for content in (b"[]", b"null", b'"complete"', b'{"status": "complete"}', b"\xff\xfe{",
+                    b'{"status": "complete", "config_hash": 3', good.replace(b'"metrics"', b'"metricz"')):
+        path.write_bytes(content)
+        assert load_result(tmp_path, plan_) is None, content  # treated as not done: it will run again
+    path.write_bytes(b"[]")
+    (again,), rows = run_experiment(config, tmp_path, progress=False, plots=False)
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]  # recomputed, identical
+    assert json.loads(path.read_text())["status"] == "complete" and len(rows) == 1
+
+
+def test_out_and_cache_dir_that_are_files_are_refused_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_experiment(["naive"])))
+    assert main(["run", str(config), "--out", str(afile), "--quiet"]) == 2
+    assert main(["bench", "--methods", "naive", "--out", str(afile), "--quiet"]) == 2
+    assert main(["pretrain", "--cache-dir", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("exists and is not a folder") == 3 and "Traceback" not in err
