@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..safe_load import NUMPY_ARRAY_GLOBALS, safe_unpickle
 from .base import Benchmark
 from .registry import register_benchmark
 
@@ -136,11 +136,13 @@ def _check_cifar_files(kind: str, root: Path, verify_checksums: bool) -> list[st
                     f"{folder / f} is corrupted or not the official {kind} file (MD5 mismatch, expected {md5}); "
                     f"re-extract it from {archive}"
                 )
+    else:  # unverified files: torchvision unpickles them, so refuse any that would run code (issue 15)
+        for f, _ in spec["files"][:-1]:
+            safe_unpickle(folder / f, allowed=NUMPY_ARRAY_GLOBALS)
     meta = folder / spec["files"][-1][0]
-    try:
-        with open(meta, "rb") as f:
-            names = [str(n) for n in pickle.load(f, encoding="latin1")[spec["names_key"]]]
-    except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as exc:
+    try:  # plain lists and strings: no global may be loaded, so a crafted meta file cannot run code
+        names = [str(n) for n in safe_unpickle(meta)[spec["names_key"]]]
+    except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{meta} is not a valid {kind} meta file: {exc!r}") from exc
     if len(names) != spec["num_classes"]:
         raise ValueError(f"{meta} names {len(names)} classes, expected {spec['num_classes']}")

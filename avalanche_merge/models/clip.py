@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..safe_load import load_weights
+
 #: six of CLIP's 80 ImageNet prompt templates (Radford et al. 2021, Sec. 3.1.4)
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     *("a photo of a {}.", "a photo of the {}.", "a bad photo of a {}."),
@@ -195,8 +197,9 @@ def load_open_clip(
     Args:
         model_name: a built-in config (``open_clip.list_models()``; ``-quickgelu`` ones for OpenAI weights),
             or any label when ``model_cfg`` (``embed_dim``, ``vision_cfg``, ``text_cfg``...) is given.
-        pretrained: a local checkpoint file (``.bin``/``.pt``/``.safetensors`` state dict), loaded strictly by
-            ``open_clip.load_checkpoint``; ``None`` keeps the random init. Hub tags are never resolved.
+        pretrained: a local checkpoint file (``.bin``/``.pt``/``.safetensors`` state dict), loaded strictly with
+            :func:`avalanche_merge.safe_load.load_weights` (safetensors, or ``torch.load(weights_only=True)``: a
+            checkpoint cannot run code); ``None`` keeps the random init. Hub tags are never resolved.
         preprocess_cfg: overrides of ``open_clip.transform.PreprocessCfg`` (``mean``, ``std``...).
 
     The model comes back in eval mode, with the evaluation transform (PIL image to tensor) and BPE tokenizer.
@@ -223,8 +226,12 @@ def load_open_clip(
         model = model_class(**cfg)
     except TypeError as error:  # unknown keys in a caller's config
         raise ValueError(f"invalid config for {model_name!r}: {error}") from None
-    if checkpoint is not None:
-        open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True, device="cpu")
+    if checkpoint is not None:  # our loader: open_clip's retries without weights_only on a TypeError (issue 15)
+        state = load_weights(checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{checkpoint} does not fit {model_name!r}: {exc}") from None
     model.to(device).eval()
 
     overrides = dict(preprocess_cfg or {})
