@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import LoRAConfig
 
@@ -98,6 +100,25 @@ def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = ())
         for a in layer.lora_A:
             for p in (*layer.lora_A[a].parameters(), *layer.lora_B[a].parameters()):
                 p.requires_grad_(a in trainable)
+
+
+@contextmanager
+def lifted_b_parametrizations(model: nn.Module, modules: Mapping[str, Mapping[str, nn.Module]]) -> Iterator[None]:
+    """Within the block, the parametrizations ``modules[adapter][layer]`` of peft's ``lora_B`` weights are lifted
+    (``lora_B.weight`` is the raw ``B``, the same parameter object) and registered again on leaving: for saving and
+    loading the raw factors of learners that reparametrise ``B`` (SD-LoRA's magnitudes, CL-LoRA's block weights).
+    """
+    layers = lora_layers(model)
+    for name, per_layer in modules.items():
+        for layer_name in per_layer:
+            parametrize.remove_parametrizations(layers[layer_name].lora_B[name], "weight", leave_parametrized=False)
+    try:
+        yield
+    finally:
+        layers = lora_layers(model)
+        for name, per_layer in modules.items():
+            for layer_name, module in per_layer.items():
+                parametrize.register_parametrization(layers[layer_name].lora_B[name], "weight", module)
 
 
 def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:

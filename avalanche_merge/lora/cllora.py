@@ -80,8 +80,8 @@ from torch.nn.utils import parametrize
 
 from ..config import check_range
 from ..protocol import PerTaskHead
-from .adapters import activate, add_adapter
-from .config import LoRAConfig
+from .adapters import activate, add_adapter, lifted_b_parametrizations
+from .config import LoRAConfig, check_choice
 from .learner import ContinualLoRA
 from .registry import register_learner
 
@@ -159,11 +159,6 @@ def _logits(output):
     return output[0]
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
 def _replace_logits(output, logits: torch.Tensor):
     """``output`` with its logits replaced (a tensor, an object with ``.logits``, or a tuple led by them)."""
     if isinstance(output, torch.Tensor):
@@ -221,8 +216,8 @@ class CLLoRAConfig(LoRAConfig):
             raise ValueError(f"block_pattern must be a valid regex, got {self.block_pattern!r}: {err}") from None
         if groups < 1:
             raise ValueError(f"block_pattern must capture the block index in a group, got {self.block_pattern!r}")
-        _check_choice("inference", self.inference, INFERENCE)
-        _check_choice("kd_target", self.kd_target, KD_TARGETS)
+        check_choice("inference", self.inference, INFERENCE)
+        check_choice("kd_target", self.kd_target, KD_TARGETS)
         check_range("kd_weight", self.kd_weight, 0.0)
         check_range("temperature", self.temperature, 0.0, None, low_open=True)
         check_range("orth_weight", self.orth_weight, 0.0)
@@ -531,20 +526,9 @@ class CLLoRA(ContinualLoRA):
         with self._bare_weights():
             super().load(path)  # checks method and config, loads A, raw B, the head and the extra state
 
-    @contextmanager
-    def _bare_weights(self) -> Iterator[None]:
+    def _bare_weights(self):
         """Lift the block-weight parametrizations (same parameter objects): ``lora_B.weight`` is the raw ``B``."""
-        layers = self.layers()
-        for name, modules in self._blocks.items():
-            for t in modules:
-                parametrize.remove_parametrizations(layers[t].lora_B[name], "weight", leave_parametrized=False)
-        try:
-            yield
-        finally:
-            layers = self.layers()
-            for name, modules in self._blocks.items():
-                for t, module in modules.items():
-                    parametrize.register_parametrization(layers[t].lora_B[name], "weight", module)
+        return lifted_b_parametrizations(self.model, self._blocks)
 
 
 __all__ = ["INFERENCE", "KD_TARGETS", "BlockWeight", "CLLoRA", "CLLoRAConfig", "block_orthogonality", "feature_kd",

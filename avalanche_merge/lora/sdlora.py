@@ -57,9 +57,7 @@ parametrized model whole (``torch.save(model)``): use ``learner.save`` or the ``
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +66,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import check_range
-from .config import LoRAConfig
+from .adapters import lifted_b_parametrizations
+from .config import LoRAConfig, check_choice
 from .learner import ContinualLoRA
 from .registry import register_learner
 
@@ -100,11 +99,6 @@ class Magnitude(nn.Module):
         return weight * (self.magnitude * self.inv_norm)
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
 @dataclass(kw_only=True)
 class SDLoRAConfig(LoRAConfig):
     """SD-LoRA options (the defaults run as the reference code; see the module docstring).
@@ -132,11 +126,9 @@ class SDLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("magnitude_init", self.magnitude_init, 0.0, None, low_open=True)
-        if not math.isfinite(self.magnitude_init):
-            raise ValueError(f"magnitude_init must be finite, got {self.magnitude_init}")
-        _check_choice("magnitudes", self.magnitudes, MAGNITUDES)
-        _check_choice("norm", self.norm, NORMS)
+        check_range("magnitude_init", self.magnitude_init, 0.0, None, low_open=True)  # finite: check_range
+        check_choice("magnitudes", self.magnitudes, MAGNITUDES)
+        check_choice("norm", self.norm, NORMS)
         if not isinstance(self.reset_magnitudes, bool):
             raise ValueError(f"reset_magnitudes must be one of [True, False], got {self.reset_magnitudes!r}")
 
@@ -295,21 +287,9 @@ class SDLoRA(ContinualLoRA):
         with self._bare_weights():
             super().load(path)
 
-    @contextmanager
-    def _bare_weights(self) -> Iterator[None]:
+    def _bare_weights(self):
         """Lift the parametrizations (same parameter objects) so that peft's ``lora_B.weight`` is the raw B."""
-        layers = self.layers()
-        for name, modules in self._magnitudes.items():
-            for layer_name in modules:
-                parametrize.remove_parametrizations(layers[layer_name].lora_B[name], "weight",
-                                                    leave_parametrized=False)
-        try:
-            yield
-        finally:
-            layers = self.layers()
-            for name, modules in self._magnitudes.items():
-                for layer_name, module in modules.items():
-                    parametrize.register_parametrization(layers[layer_name].lora_B[name], "weight", module)
+        return lifted_b_parametrizations(self.model, self._magnitudes)
 
 
 def raw_weights(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +304,7 @@ def direction_norm(layer: nn.Module, name: str, norm: str = "factors") -> float:
 
     ``norm="factors"``: ``||s B||_F ||A||_F``; ``"product"``: ``||s B A||_F``.
     """
-    _check_choice("norm", norm, NORMS)
+    check_choice("norm", norm, NORMS)
     a, b = (w.detach().double() for w in raw_weights(layer, name))
     s = float(layer.scaling[name])
     if norm == "factors":

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..retrieval.routed import RoutedLoRA
 from .optim import restrict_optimizer
+from .protocol import experience_classes
 
 
 def experience_batches(strategy: Any, max_samples: int, seed: int = 0) -> tuple[list, list]:
@@ -46,14 +47,6 @@ def experience_batches(strategy: Any, max_samples: int, seed: int = 0) -> tuple[
         xs.append(batch[0].to(strategy.device))
         ys.append(torch.as_tensor(batch[1]).to(strategy.device))
     return xs, ys
-
-
-def experience_classes(experience: Any) -> list[int]:
-    """Classes of an experience: Avalanche's ``classes_in_this_experience``, else the dataset's unique targets."""
-    classes = getattr(experience, "classes_in_this_experience", None)
-    if classes is None:
-        classes = experience.dataset.targets.uniques
-    return sorted(int(c) for c in classes)
 
 
 class RoutedPlugin(SupervisedPlugin):
