@@ -170,3 +170,59 @@ def test_replace_module_puts_a_module_at_a_dotted_name():
     new = nn.Linear(3, 2)
     old = replace_module(model, "1.1", new)
     assert model[1][1] is new and isinstance(old, nn.Linear) and old is not new
+
+
+# -- edges that plausible wrong implementations get wrong (mutation testing, docs/mutation.md) -------------------
+def test_boundaries_of_restrict_logits_and_masked_loss():
+    logits = torch.randn(2, 4, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(restrict_logits(logits, [1, 4]), restrict_logits(logits, [1]))  # id == width: ignored
+    with pytest.raises(ValueError, match=r"class 4 has no logit: the head has 4 outputs"):
+        masked_loss(F.cross_entropy, logits, torch.tensor([1, 1]), [1, 4])
+    with pytest.raises(TypeError, match=r"protocol must be a str, one of \[.*\], got int"):
+        check_protocol(3)
+
+
+def test_replace_module_at_a_three_level_name():
+    model = nn.Sequential(nn.Sequential(nn.Sequential(nn.Linear(2, 2))))
+    new = nn.Linear(2, 2)
+    replace_module(model, "0.0.0", new)
+    assert model[0][0][0] is new
+
+
+def test_per_task_head_defaults_and_validation():
+    head = PerTaskHead(4, 6)
+    assert not head.use_prototypes and head.prototypes.shape == (0, 4) and head.prototype_classes == []
+    assert head.add_task([0, 1]).bias is not None  # no initial head: the new head still gets a device and dtype
+    assert PerTaskHead(4, 6, bias=False).add_task([0]).bias is None
+    PerTaskHead(1, 1)
+    for bad in ((0, 5), (5, 0)):
+        with pytest.raises(ValueError, match="in_features and out_features must be >= 1"):
+            PerTaskHead(*bad)
+    with pytest.raises(ValueError, match="^a task needs at least one class$"):
+        head.add_task([])
+
+
+def test_per_task_head_follows_the_replaced_heads_dtype_and_token_inputs():
+    head = PerTaskHead(4, 6, initial=nn.Linear(4, 6).double())
+    assert head.add_task([2, 3]).weight.dtype == torch.float64
+    tokens = torch.randn(2, 5, 4, dtype=torch.float64)  # (batch, tokens, features)
+    out = head(tokens)
+    assert out.shape == (2, 5, 6) and torch.allclose(out[..., [2, 3]], head.heads[0](tokens))
+    head.use_prototypes = True
+    means = torch.randn(2, 4, dtype=torch.float64)
+    head.set_prototypes([2, 3], means)
+    head.eval()
+    cos = F.cosine_similarity(tokens[..., None, :], means, dim=-1)
+    assert torch.allclose(head(tokens)[..., [2, 3]], cos)
+
+
+def test_per_task_head_extra_state_checks_and_defaults():
+    head = PerTaskHead(4, 6)
+    with pytest.raises(ValueError, match="^PerTaskHead state must hold 'task_classes'$"):
+        head.set_extra_state({})
+    head.set_extra_state({"task_classes": [[0, 1]]})  # no prototypes recorded: none
+    assert head.task_classes == [[0, 1]] and head.prototype_classes == []
+    state = {k: v for k, v in head.state_dict().items() if k != "prototypes"}
+    fresh = PerTaskHead(4, 6)
+    fresh.load_state_dict(state, strict=False)  # a state without the prototypes buffer
+    assert fresh.task_classes == [[0, 1]]
