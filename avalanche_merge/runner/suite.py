@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .plan import ExperimentConfig, RunPlan, plan_experiment
+from .preflight import preflight
 from .run import execute_run, write_json_atomic
 from .summary import format_table, split_labels, summarize, write_summary
 
@@ -58,6 +59,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
     """
     out = Path(out_dir)
     plans = plan_experiment(config)  # validates everything before any training
+    preflight(plans)  # shapes, paths, LoRA targets, analysis layers
     results: list[dict] = []
     failures: list[tuple[str, str]] = []
     bar = tqdm(plans, desc=config.name, unit="run", disable=not progress)
