@@ -74,3 +74,24 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def open_safetensors(path: str | Path, *, device: str = "cpu"):
+    """``safetensors.safe_open(path)``, with a file that is missing or not safetensors reported by name.
+
+    Use as a context manager (``with open_safetensors(p) as f: ...``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: ``path`` is not a readable safetensors file (the path and the reason are named).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+

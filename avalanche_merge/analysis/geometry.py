@@ -220,6 +220,13 @@ def geometry_report(snapshots: Sequence[Mapping[str, torch.Tensor]], *, density:
     ``mean_sign_conflict``, ``mean_angle``, ``mean_effective_rank``.
     """
     steps, cumulative = task_vectors(snapshots)
+    return steps_report(steps, cumulative, density=density, energy=energy)
+
+
+def steps_report(steps: Sequence[TaskVector], cumulative: Sequence[TaskVector], *, density: float | None = 0.2,
+                 energy: float = 0.9) -> dict:
+    """:func:`geometry_report` from the step and cumulative task vectors themselves (e.g. the lazy vectors of
+    :class:`~avalanche_merge.analysis.step_store.StepStore`, which are read one tensor at a time)."""
     names = steps[0].keys()
     mats = matrix_names(steps[0])
     step_cos, sign = cosine_matrix(steps), sign_conflict_matrix(steps, density=density)
@@ -253,4 +260,5 @@ def geometry_report(snapshots: Sequence[Mapping[str, torch.Tensor]], *, density:
 
 
 __all__ = ["cosine_matrix", "effective_rank", "effective_state", "geometry_report", "layer_norms", "matrix_names",
-           "shared_names", "sign_conflict_matrix", "sign_conflict_rate", "task_vectors", "update_angles"]
+           "shared_names", "sign_conflict_matrix", "sign_conflict_rate", "steps_report", "task_vectors",
+           "update_angles"]

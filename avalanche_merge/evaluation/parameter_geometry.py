@@ -16,8 +16,13 @@ Emitted after every training experience ``i`` (train phase, x = training iterati
   experience; trimmed to ``density`` as TIES does).
 
 :meth:`report` returns the full :func:`~avalanche_merge.analysis.geometry.geometry_report` (per-layer norms,
-effective ranks, principal angles). Snapshots are fp32 CPU copies of the compared weights, one per experience:
-restrict them with ``include`` on large models.
+effective ranks, principal angles).
+
+Memory: the metric holds one fp32 CPU copy of the compared weights (after the last experience; a second one while
+it takes a snapshot) plus the step vectors in a :class:`~avalanche_merge.analysis.step_store.StepStore`
+(``storage="memory"`` or ``"disk"``, ``dtype="float32"`` or scaled ``"float16"``); metrics are computed one
+tensor at a time from the store. Restrict the compared weights with ``include`` on large models. See
+``experiments/geometry_memory.py`` for measured figures.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricResult, MetricValue
 from avalanche.evaluation.metric_utils import default_metric_name_template, generic_get_metric_name
 
-from ..analysis.geometry import cosine_matrix, effective_state, geometry_report, sign_conflict_rate, task_vectors
+from ..analysis.geometry import cosine_matrix, effective_state, shared_names, sign_conflict_rate, steps_report
+from ..analysis.step_store import StepStore
 from ..merging.steps import check_density
 
 
@@ -49,31 +55,49 @@ class ParameterGeometryPluginMetric(PluginMetric[dict]):
         density: fraction of each tensor kept before counting sign conflicts, in (0, 1]; None counts every
             non-zero entry.
         energy: fraction of ``sum sigma^2`` that defines an update's subspace for principal angles, in (0, 1].
+        storage: where step vectors are kept, ``"memory"`` or ``"disk"`` (a temporary folder under ``folder``).
+        dtype: ``"float32"`` (exact) or ``"float16"`` (per-tensor scaled; half the bytes).
+        folder: parent folder of the ``disk`` store (default: the system's temporary folder).
     """
 
-    def __init__(self, *, include: str | None = None, density: float | None = 0.2, energy: float = 0.9) -> None:
+    def __init__(self, *, include: str | None = None, density: float | None = 0.2, energy: float = 0.9,
+                 storage: str = "memory", dtype: str = "float32", folder: str | None = None) -> None:
         super().__init__()
         if density is not None:
             check_density(density)
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if include is not None:
+            try:
+                re.compile(include)
+            except re.error as exc:
+                raise ValueError(f"include must be a regular expression, got {include!r} ({exc})") from None
         self.pattern = re.compile(include) if include is not None else None
         self.density, self.energy = density, energy
-        self.snapshots: list[dict[str, torch.Tensor]] = []
+        self.store = StepStore(storage=storage, dtype=dtype, folder=folder)
+        self.last: dict[str, torch.Tensor] | None = None  # theta after the last experience (theta_0 at first)
+        self.names: list[str] = []  # compared in every step: same name and shape throughout
         self.experiences: list[int] = []
 
     def reset(self) -> None:
-        self.snapshots, self.experiences = [], []
+        self.store.close()
+        self.last = None
+        self.names, self.experiences = [], []
 
     def result(self) -> dict:
-        return self.report() if len(self.snapshots) >= 2 else {}
+        return self.report() if len(self.store) >= 1 else {}
+
+    def steps(self) -> list:
+        """Lazy step task vectors so far (see :class:`~avalanche_merge.analysis.step_store.StepStore`)."""
+        return self.store.steps(self.names)
 
     def report(self) -> dict:
-        """:func:`~avalanche_merge.analysis.geometry.geometry_report` of the snapshots so far, plus the experience
+        """:func:`~avalanche_merge.analysis.geometry.geometry_report` of the stream so far, plus the experience
         ids (``experiences``). Raises ``ValueError`` before the first experience has been trained."""
-        if len(self.snapshots) < 2:
+        if not len(self.store):
             raise ValueError("no experience has been trained yet: nothing to report")
-        out = geometry_report(self.snapshots, density=self.density, energy=self.energy)
+        out = steps_report(self.store.steps(self.names), self.store.cumulative(self.names), density=self.density,
+                           energy=self.energy)
         out["experiences"] = list(self.experiences)
         return out
 
@@ -86,16 +110,24 @@ class ParameterGeometryPluginMetric(PluginMetric[dict]):
         return state
 
     def before_training_exp(self, strategy: Any) -> MetricResult:
-        if not self.snapshots:
-            self.snapshots.append(self._snapshot(strategy.model))
+        if self.last is None:
+            self.last = self._snapshot(strategy.model)
+            self.names = list(self.last)
         return None
 
     def after_training_exp(self, strategy: Any) -> MetricResult:
-        if not self.snapshots:
+        if self.last is None:
             return None
-        self.snapshots.append(self._snapshot(strategy.model))
+        current = self._snapshot(strategy.model)
+        # a head that grows, an adapter added later: only names of one shape throughout are compared
+        self.names = shared_names([{n: self.last[n] for n in self.names}, current])
+        if not self.names:
+            raise ValueError("the model's weights share no floating-point parameter of equal shape with its "
+                             "weights before the stream")
+        self.store.append({n: current[n] - self.last[n] for n in self.names})
+        self.last = current
         self.experiences.append(strategy.experience.current_experience)
-        steps, cumulative = task_vectors(self.snapshots)
+        steps, cumulative = self.store.steps(self.names), self.store.cumulative(self.names)
         x, i = strategy.clock.train_iterations, self.experiences[-1]
         out = [MetricValue(self, _name("TaskVectorNorm_Step", i), steps[-1].norm(), x),
                MetricValue(self, _name("TaskVectorNorm_Cumulative", i), cumulative[-1].norm(), x),
@@ -108,10 +140,11 @@ class ParameterGeometryPluginMetric(PluginMetric[dict]):
         return "ParameterGeometry"
 
 
-def geometry_metrics(*, include: str | None = None, density: float | None = 0.2,
-                     energy: float = 0.9) -> list[PluginMetric]:
+def geometry_metrics(*, include: str | None = None, density: float | None = 0.2, energy: float = 0.9,
+                     storage: str = "memory", dtype: str = "float32") -> list[PluginMetric]:
     """``[ParameterGeometryPluginMetric]`` for an ``EvaluationPlugin``."""
-    return [ParameterGeometryPluginMetric(include=include, density=density, energy=energy)]
+    return [ParameterGeometryPluginMetric(include=include, density=density, energy=energy, storage=storage,
+                                          dtype=dtype)]
 
 
 __all__ = ["ParameterGeometryPluginMetric", "geometry_metrics"]

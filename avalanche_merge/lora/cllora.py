@@ -514,9 +514,9 @@ class CLLoRA(ContinualLoRA):
 
     def load(self, path: str | Path) -> None:
         """Create the saved adapters with their own targets, hooks and block weights, then restore them."""
-        from safetensors import safe_open
+        from ..safe_load import open_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
         mine = json.loads(json.dumps(vars(self.config), default=list))
         if meta.get("method") == self.name and json.loads(meta.get("config", "null")) == mine:

@@ -166,9 +166,9 @@ class ContinualLoRA:
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote into this learner (same method and config, adapters created)."""
-        from safetensors import safe_open
+        from ..safe_load import open_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         if meta.get("method") != self.name:

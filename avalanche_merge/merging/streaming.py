@@ -15,11 +15,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
+from ..safe_load import open_safetensors
 from .registry import OFFLINE_MERGES
 from .task_vector import TaskVector, check_scalar
 
@@ -27,9 +27,7 @@ from .task_vector import TaskVector, check_scalar
 def _open_all(stack: ExitStack, paths: Sequence[Path], device: str) -> list:
     handles = []
     for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        handles.append(stack.enter_context(safe_open(str(p), framework="pt", device=device)))
+        handles.append(stack.enter_context(open_safetensors(p, device=device)))
     return handles
 
 

@@ -36,6 +36,11 @@ class AnalysisConfig:
         held_out_samples: images per held-out domain, a positive multiple of 10.
         density: fraction of each task-vector tensor kept before counting sign conflicts (TIES' trim), in (0, 1].
         energy: fraction of an update's ``sum sigma^2`` that defines its subspace for principal angles, in (0, 1].
+        geometry_include: regular expression restricting the weights geometry compares (e.g. ``"blocks\\.1[01]"``
+            for the last two blocks of a ViT-B); None: every floating-point weight.
+        geometry_storage: where the per-experience step vectors live, ``"memory"`` or ``"disk"`` (a temporary
+            folder, removed after the run; RAM then holds one fp32 copy of the compared weights).
+        geometry_dtype: ``"float32"`` (exact) or ``"float16"`` (per-tensor scaled, half the bytes).
     """
 
     geometry: bool = True
@@ -48,8 +53,25 @@ class AnalysisConfig:
     held_out_samples: int = 200
     density: float = 0.2
     energy: float = 0.9
+    geometry_include: str | None = None
+    geometry_storage: str = "memory"
+    geometry_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        from ..analysis.step_store import DTYPES, STORAGES
+
+        if self.geometry_storage not in STORAGES:
+            raise ValueError(f"geometry_storage must be one of {list(STORAGES)}, got {self.geometry_storage!r}")
+        if self.geometry_dtype not in DTYPES:
+            raise ValueError(f"geometry_dtype must be one of {list(DTYPES)}, got {self.geometry_dtype!r}")
+        if self.geometry_include is not None:
+            import re
+
+            try:
+                re.compile(self.geometry_include)
+            except re.error as exc:
+                raise ValueError(f"geometry_include must be a regular expression, got {self.geometry_include!r} "
+                                 f"({exc})") from None
         if self.probe_samples < 4:
             raise ValueError(f"probe_samples must be >= 4, got {self.probe_samples}")
         if self.pool not in POOLS:
@@ -76,7 +98,9 @@ def analysis_plugins(config: AnalysisConfig, benchmark: Any, held_out: dict | No
     plugins: list = [ContinualMetricsPluginMetric(held_out=held_out or None, held_out_samples=config.held_out_samples,
                                                   seed=seed)]
     if config.geometry:
-        plugins.append(ParameterGeometryPluginMetric(density=config.density, energy=config.energy))
+        plugins.append(ParameterGeometryPluginMetric(density=config.density, energy=config.energy,
+                                                     include=config.geometry_include,
+                                                     storage=config.geometry_storage, dtype=config.geometry_dtype))
     if config.drift:
         plugins.append(RepresentationDriftPluginMetric(list(benchmark.test_stream), layers=config.layers or None,
                                                        probe_samples=config.probe_samples, seed=seed,
@@ -94,13 +118,25 @@ def analysis_record(plugins: list) -> dict:
     for p in plugins:
         if isinstance(p, ContinualMetricsPluginMetric):
             out["continual"] = p.result()
-        elif isinstance(p, ParameterGeometryPluginMetric) and len(p.snapshots) >= 2:
+        elif isinstance(p, ParameterGeometryPluginMetric) and len(p.store):
             out["geometry"] = p.report()
+            p.reset()  # frees the snapshot and removes a disk store
         elif isinstance(p, RepresentationDriftPluginMetric) and p.experiences:
             out["drift"] = p.report()
     return out
 
 
+_STORAGE_DEFAULTS = {"geometry_include": None, "geometry_storage": "memory", "geometry_dtype": "float32"}
+
+
 def describe_analysis(config: AnalysisConfig | None) -> dict | None:
-    """The part of a run's config hash the analysis section contributes (None when absent)."""
-    return None if config is None else dataclasses.asdict(config)
+    """The part of a run's config hash the analysis section contributes (None when absent). The geometry storage
+    fields enter only when they differ from their defaults, so runs stored before they existed keep their
+    identity (``float16`` and ``include`` change the numbers; ``disk`` does not, but is kept for simplicity)."""
+    if config is None:
+        return None
+    out = dataclasses.asdict(config)
+    for key, default in _STORAGE_DEFAULTS.items():
+        if out[key] == default:
+            del out[key]
+    return out

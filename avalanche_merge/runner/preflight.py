@@ -82,7 +82,16 @@ def _check_analysis(plan: RunPlan, model: Any) -> None:
     from ..strategies import METHODS
 
     analysis = plan.analysis
-    if analysis is None or not analysis.drift:
+    if analysis is None:
+        return
+    if analysis.geometry and analysis.geometry_include and model is not None:
+        import re
+
+        pattern = re.compile(analysis.geometry_include)
+        if not any(pattern.search(n) for n in model.state_dict()):
+            raise ConfigError(f"analysis.geometry_include: {analysis.geometry_include!r} matches no weight of "
+                              f"{plan.model} (e.g. {list(model.state_dict())[:4]})")
+    if not analysis.drift:
         return
     if METHODS.get(plan.method).protocol == "routed":
         raise ConfigError(f"analysis.drift: {plan.label!r} routes each input to its task's adapter, so a layer "

@@ -217,6 +217,10 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
     avalanche_metrics = {k: float(v) for k, v in last.items()
                          if isinstance(v, (int, float)) and math.isfinite(float(v))}
     extra = {}
+    info = {type(p).__name__: p.method_info() for p in getattr(strategy, "plugins", [])
+            if callable(getattr(p, "method_info", None))}
+    if info:  # what a method reports about itself, e.g. the capacity each sparse task got
+        extra["method_info"] = info
     if analysis_plugins:
         from .analysis import analysis_record
 

@@ -65,3 +65,14 @@ def test_merge_safetensors_refuses_nan_scaling_changed_integer_tensors_and_empty
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(ValueError, match="holds no tensors: nothing to merge"):
         merge_safetensors(tmp_path / "empty.safetensors", [tmp_path / "empty.safetensors"], tmp_path / "z.safetensors")
+
+
+def test_a_file_that_is_not_safetensors_is_named(tmp_path):
+    good, bad = tmp_path / "pre.safetensors", tmp_path / "truncated.safetensors"
+    save_file({"w": torch.ones(4)}, str(good))
+    bad.write_bytes(good.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors: not a readable safetensors file"):
+        merge_safetensors(good, [bad], tmp_path / "out.safetensors", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*missing\.safetensors"):
+        merge_safetensors(good, [tmp_path / "missing.safetensors"], tmp_path / "out.safetensors", progress=False)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -143,3 +143,11 @@ def test_a_corrupt_cache_entry_is_named_moved_aside_and_rebuilt(tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pretrained_tiny_vit(config, cache_dir=tmp_path)  # rebuilt entry: read back silently
+
+
+def test_geometry_include_must_match_a_weight(no_training):
+    with pytest.raises(ConfigError, match=r"analysis\.geometry_include: 'nothing\\\\d' matches no weight"):
+        check(tiny_experiment(["naive"], analysis={"geometry_include": r"nothing\d"}))
+    with pytest.raises(ConfigError, match=r"geometry_storage must be one of \['memory', 'disk'\], got 'cloud'"):
+        check(tiny_experiment(["naive"], analysis={"geometry_storage": "cloud"}))
+    check(tiny_experiment(["naive"], analysis={"geometry_include": r"blocks\.0\.", "geometry_dtype": "float16"}))

@@ -92,9 +92,8 @@ def test_a_lock_left_by_a_dead_runner_does_not_block(tmp_path, fake_runs):
 
 
 def test_folder_lock_is_exclusive_between_holders(tmp_path):
-    with folder_lock(tmp_path / "x.lock") as first:
-        with folder_lock(tmp_path / "x.lock", blocking=False) as second:
-            assert first and not second
+    with folder_lock(tmp_path / "x.lock") as first, folder_lock(tmp_path / "x.lock", blocking=False) as second:
+        assert first and not second
     with folder_lock(tmp_path / "x.lock", blocking=False) as again:
         assert again
 
