@@ -24,7 +24,7 @@ def result_path(out_dir: Path, plan: RunPlan) -> Path:
     return run_dir(out_dir, plan.run_id) / "result.json"
 
 
-def load_result(out_dir: Path, plan: RunPlan) -> dict | None:
+def load_result(out_dir: Path, plan: RunPlan, *, quiet: bool = False) -> dict | None:
     """The stored result of ``plan`` if it completed with the same config hash, else None (a corrupt file is
     named on the console and the run is computed again)."""
     path = result_path(out_dir, plan)
@@ -33,7 +33,8 @@ def load_result(out_dir: Path, plan: RunPlan) -> dict | None:
     try:
         result = read_result(path, require=("config_hash", "metrics"))  # what the runner itself writes
     except (CorruptResult, OSError) as exc:
-        tqdm.write(f"  {plan.run_id}: stored result is unusable ({exc}); running it again")
+        if not quiet:
+            tqdm.write(f"  {plan.run_id}: stored result is unusable ({exc}); running it again")
         return None
     if result["status"] != "complete" or result.get("config_hash") != plan.config_hash:
         return None
@@ -96,7 +97,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
                 busy.append(plan)
                 tqdm.write(f"  {plan.run_id}: another runner is computing it; its result is read when it ends")
                 return
-            stored = load_result(out, plan)  # finished by another runner meanwhile
+            stored = load_result(out, plan, quiet=True)  # finished by another runner meanwhile
             if stored is not None:
                 done[plan.run_id] = stored
                 return
