@@ -68,9 +68,11 @@ class RoutedLoRAConfig(LoRAConfig):
         router: ``"signatures"`` (route by task signatures of pretrained embeddings) or ``"oracle"`` (given ids).
         signature_method: ``"centroid"`` (k-means prototypes, CoLoR) or ``"dpgmm"`` (DP-GMM, Proteus).
         n_components: k-means k or maximum mixture components, >= 1.
-        covariance_type: ``"diag"`` or ``"full"`` (dpgmm).
-        reduce: ``None``, ``"pca"`` or ``"whiten"``: projection of the embeddings (fitted on the first task).
-        dim: PCA dimensions, >= 1.
+        covariance_type: ``"oas"`` (default), ``"ledoit_wolf"``, ``"full"`` or ``"diag"`` (dpgmm; see
+            :class:`~avalanche_merge.retrieval.signatures.SignatureConfig`).
+        reduce: ``None`` (default, the embeddings themselves), ``"pca"`` or ``"whiten"``: a projection of the
+            embeddings fitted on the **first task only** (lossy: directions where only later tasks vary are lost).
+        dim: PCA dimensions, >= 1 (with ``reduce`` only).
         head_type: ``"linear"`` or ``"lda"`` (see the module docstring).
         lda_shrinkage: LDA covariance shrinkage, >= 0.
         lambda_orth: orthogonality penalty weight, >= 0 (0 for CoLoR).
@@ -82,8 +84,8 @@ class RoutedLoRAConfig(LoRAConfig):
     router: str = "signatures"
     signature_method: str = "centroid"
     n_components: int = 5
-    covariance_type: str = "diag"
-    reduce: str | None = "pca"
+    covariance_type: str = "oas"
+    reduce: str | None = None
     dim: int = 32
     head_type: str = "linear"
     lda_shrinkage: float = 1e-2

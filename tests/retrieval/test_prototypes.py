@@ -61,6 +61,28 @@ def test_ncm_euclidean_logits_are_negative_squared_distances():
     torch.testing.assert_close(ncm.logits(x.double()), expected)
 
 
+def test_ncm_cosine_logits_are_cosine_similarities_to_the_means_of_unit_features():
+    """Kills un-normalised features in the means, un-normalised means at prediction, dot products for cosines."""
+    x, y = _blobs(k=3, seed=3, spread=1.5)  # spread classes: means of unit features have norms well below 1
+    ncm = NearestClassMean(5, 3)
+    ncm.update(x, y)
+    unit = torch.nn.functional.normalize(x.double(), dim=1)
+    means = torch.stack([unit[y == c].mean(0) for c in range(3)])
+    assert (1 - means.norm(dim=1)).min() > 1e-2 and means.norm(dim=1).std() > 1e-3
+    expected = unit @ torch.nn.functional.normalize(means, dim=1).T
+    torch.testing.assert_close(ncm.logits(x.double()), expected)
+
+
+def test_ncm_euclidean_with_normalized_features_uses_unit_features_throughout():
+    x, y = _blobs(k=3, seed=4)
+    ncm = NearestClassMean(5, 3, NCMConfig(metric="euclidean", normalize_features=True))
+    ncm.update(x, y)
+    unit = torch.nn.functional.normalize(x.double(), dim=1)
+    means = torch.stack([unit[y == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(ncm.means, means)
+    torch.testing.assert_close(ncm.logits(x.double()), -torch.cdist(unit, means).pow(2))
+
+
 def test_ncm_bad_inputs():
     with pytest.raises(ValueError, match="metric must be 'cosine' or 'euclidean', got 'l1'"):
         NCMConfig(metric="l1")
@@ -147,6 +169,44 @@ def test_ranpac_ridge_selection_picks_best_held_out_candidate():
         # refit on all data with the chosen lambda
         expected = torch.linalg.solve(h.T @ h + model.ridge * torch.eye(80, dtype=torch.float64), h.T @ Y)
         torch.testing.assert_close(model.W_out, expected)
+
+
+def test_ranpac_second_task_selection_uses_past_statistics_and_its_own_split():
+    """Task 2's candidates are fitted on task 1's statistics plus task 2's non-held-out part, with the split seeded
+    by ``seed + 1 + task index``. Kills a selection on the current task only (the official code's) and a split
+    seed that does not move with the task."""
+    x, y = _blobs(k=4, seed=7, spread=2.0)
+    grid = (1e-2, 1.0, 1e2, 1e4)
+    model = RanPAC(5, 4, RanPACConfig(projection_dim=60, ridge_grid=grid, seed=2, holdout_fraction=0.3))
+    first, second = y < 2, y >= 2
+    model.update(x[first], y[first])
+    model.update(x[second], y[second])
+    record = model.selection_history[1]
+    h = torch.relu(x.double() @ model.projection)
+    Y = torch.nn.functional.one_hot(y, 4).double()
+    h0, Y0, h1, Y1 = h[first], Y[first], h[second], Y[second]
+    n = len(h1)
+    n_val = min(n - 1, max(1, round(0.3 * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(2 + 1 + 1))
+    val, fit = perm[:n_val], perm[n_val:]
+    G = h0.T @ h0 + h1[fit].T @ h1[fit]
+    C = h0.T @ Y0 + h1[fit].T @ Y1[fit]
+    eye = torch.eye(60, dtype=torch.float64)
+    mses = [float((h1[val] @ torch.linalg.solve(G + lam * eye, C) - Y1[val]).pow(2).sum(1).mean()) for lam in grid]
+    assert record["task"] == 1 and record["n_val"] == n_val
+    np.testing.assert_allclose(record["mse"], mses, rtol=1e-6)
+    assert model.ridge == grid[int(np.argmin(mses))]
+    torch.testing.assert_close(model.G, h.T @ h)
+
+
+def test_ranpac_without_projection_is_ridge_regression_on_the_raw_features():
+    x, y = _blobs(k=3)
+    model = RanPAC(5, 3, RanPACConfig(projection_dim=0, ridge=0.1))
+    model.update(x, y)
+    X, Y = x.double(), torch.nn.functional.one_hot(y, 3).double()
+    expected = torch.linalg.solve(X.T @ X + 0.1 * torch.eye(5, dtype=torch.float64), X.T @ Y)
+    torch.testing.assert_close(model.W_out, expected)
+    torch.testing.assert_close(model.logits(x.double()), X @ expected)
 
 
 def test_ranpac_selection_on_constructed_case_prefers_regularisation():

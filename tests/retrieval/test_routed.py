@@ -123,13 +123,101 @@ def test_proteus_penalty_equals_direct_computation():
     assert CoLoRConfig().lambda_orth == 0 and RoutedLoRA(_backbone(), config=CoLoRConfig()).penalty() is None
 
 
-def test_lda_head_separates_task_classes():
-    model = RoutedLoRA(_backbone(), config=ProteusConfig(n_components=2, head_type="lda"))
-    _train_task(model, 0, steps=1)
-    x, y = _task_data(0)
+def _lda_task(n_per_class: int = 24):
+    """Three classes whose inputs carry a class-specific pattern (labels informative), balanced."""
+    g = torch.Generator().manual_seed(5)
+    patterns = 1.5 * torch.randn(3, 1, 8, 8, generator=g)
+    y = torch.arange(3).repeat(n_per_class)
+    return torch.randn(len(y), 1, 8, 8, generator=g) + patterns[y], y
+
+
+@pytest.mark.parametrize("shrinkage", [1e-2, 0.5])  # 1e-2: the default; the features are rank d - 1 (LayerNorm)
+def test_lda_head_equals_sklearn_lda_on_the_adapted_features(shrinkage):
+    """The LDA head against scikit-learn's LinearDiscriminantAnalysis (an independent implementation).
+
+    Ours: pooled within-class covariance ``S = sum (x - mu_y)(x - mu_y)^T / (N - 1)`` plus ``s * mean(diag S)`` on
+    the diagonal, logits ``x^T Sigma^-1 mu_c - mu_c^T Sigma^-1 mu_c / 2``. scikit-learn (``lsqr``, uniform priors,
+    shrinkage ``s' = s / (1 + s)``, balanced classes) uses ``Sigma' = (1 - s') S_b + s' mean(diag S_b) I`` with the
+    biased ``S_b = S (N - 1) / N``, i.e. ``Sigma = c Sigma'`` with ``c = N (1 + s) / (N - 1)``, and adds the log prior:
+    ``c * ours = sklearn - log(1/3)``. Kills a flipped bias sign, a dropped or mis-scaled shrinkage, a wrong
+    normaliser and an LDA fitted on the pretrained instead of the adapted features.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, y = _lda_task()
+    model = RoutedLoRA(_backbone(), config=ProteusConfig(n_components=1, lda_shrinkage=shrinkage), num_classes=6)
+    opt = torch.optim.SGD(model.begin_task([0, 1, 2]), lr=0.5)
+    model.train()
+    for _ in range(3):  # move the adapter so that adapted and pretrained features differ
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.end_task([x[:40], x[40:]], [y[:40], y[40:]])
+    model.eval()
     with torch.no_grad():
-        acc = (model(x, task_ids=None).argmax(1) == y).float().mean()
-    assert acc >= 0.5 and model.heads[0].weight.shape == (2, 8)
+        feats = model._task_features(x, 0).double()
+        assert not torch.allclose(feats, model.embed(x).double(), atol=1e-3)
+        ours = model(x)[:, :3].double()
+    n = len(y)
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage / (1 + shrinkage),
+                                     priors=[1 / 3] * 3).fit(feats.numpy(), y.numpy())
+    expected = (lda.decision_function(feats.numpy()) - np.log(1 / 3)) * (n - 1) / (n * (1 + shrinkage))
+    torch.testing.assert_close(ours, torch.from_numpy(expected), rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.argmax(1), torch.from_numpy(lda.predict(feats.numpy())))
+    assert (ours.argmax(1) == y).double().mean() >= 0.9  # informative labels: the head does separate them
+
+
+def test_proteus_gates_scale_earlier_adapters_and_change_outputs():
+    """While task 1 runs, the earlier adapter's contribution to every LoRA layer is multiplied by its gate:
+    ``layer(x; g) = layer(x; 0) + g * (layer_task0_only(x) - base(x))``; the gate changes the task's logits and
+    receives the gradient of its loss (finite differences). Kills ignored, mis-wired or detached gates."""
+    model = RoutedLoRA(_backbone(), config=ProteusConfig(router="oracle", n_components=1, head_type="linear"))
+    _train_task(model, 0)
+    model.begin_task([2, 3])
+    model.eval()
+    name, layer = next(iter(lora_layers(model.backbone).items()))
+    assert layer.lora_B["task0"].weight.abs().sum() > 0, name  # trained: the earlier adapter does something
+    with torch.no_grad():
+        for lay in lora_layers(model.backbone).values():
+            lay.lora_B["task1"].weight.normal_(std=0.1)
+    h = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+    def layer_out(active, gates):
+        model._set_active(active, gates)
+        try:
+            with torch.no_grad():
+                return layer(h)
+        finally:
+            model._set_active([], {})
+
+    delta0 = layer_out(["task0"], {}) - layer_out([], {})
+    assert delta0.abs().max() > 1e-4
+    at0 = layer_out(["task0", "task1"], {"task0": torch.tensor(0.0)})
+    torch.testing.assert_close(at0, layer_out(["task1"], {}))  # gate 0 = no transfer
+    for g in (0.5, -2.0):
+        torch.testing.assert_close(layer_out(["task0", "task1"], {"task0": torch.tensor(g)}), at0 + g * delta0)
+
+    x, y = _task_data(1)
+    y = y - 2
+
+    def loss_at(g):
+        with torch.no_grad():
+            model.gates[1].fill_(g)
+        return torch.nn.functional.cross_entropy(model.heads[1](model._task_features(x, 1)), y)
+
+    with torch.no_grad():
+        model.gates[1].fill_(0.0)
+        without = model.task_logits(x, 1)
+        model.gates[1].fill_(1.5)
+        assert (model.task_logits(x, 1) - without)[:, 2:].abs().max() > 1e-3
+    model.zero_grad(set_to_none=True)
+    loss_at(0.3).backward()
+    eps = 1e-2
+    with torch.no_grad():
+        numeric = (loss_at(0.3 + eps) - loss_at(0.3 - eps)) / (2 * eps)
+    assert model.gates[1].grad is not None and abs(float(model.gates[1].grad)) > 1e-5
+    torch.testing.assert_close(model.gates[1].grad.reshape(()), numeric, rtol=2e-2, atol=1e-5)
 
 
 def test_config_validation():
@@ -143,6 +231,21 @@ def test_config_validation():
         CoLoRConfig(signature_method="knn")
     with pytest.raises(TypeError):
         RoutedLoRA(torch.nn.Linear(3, 3))
+
+
+def test_routed_signature_defaults_are_lossless_and_options_validated():
+    from avalanche_merge.retrieval.signatures import SignatureConfig
+
+    for cfg, method in ((CoLoRConfig(), "centroid"), (ProteusConfig(), "dpgmm")):
+        assert cfg.signature_config() == SignatureConfig(method=method, covariance_type="oas", reduce=None)
+    cfg = ProteusConfig(covariance_type="ledoit_wolf", reduce="pca", dim=16, n_components=3)
+    assert cfg.signature_config() == SignatureConfig(method="dpgmm", n_components=3, covariance_type="ledoit_wolf",
+                                                     reduce="pca", dim=16)
+    with pytest.raises(ValueError, match=r"covariance_type must be one of \['oas', 'ledoit_wolf', 'full', 'diag'\], "
+                                         r"got 'tied'"):
+        ProteusConfig(covariance_type="tied")
+    with pytest.raises(ValueError, match=r"reduce must be one of \[None, 'pca', 'whiten'\], got 'umap'"):
+        CoLoRConfig(reduce="umap")
 
 
 @pytest.mark.parametrize("method", ["color", "proteus"])
