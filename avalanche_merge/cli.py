@@ -71,8 +71,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_out(args.out)
     if args.dry_run:
         from .runner import plan_experiment
+        from .runner.preflight import preflight
 
         plans = plan_experiment(config)
+        preflight(plans)
         print(f"config OK: {len(plans)} runs")
         for p in plans:
             print(f"  {p.run_id}")
@@ -182,6 +184,10 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Avalanche imports qpsolvers, which warns on every start that GEM's optional solvers are absent
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     args = build_parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -10,7 +10,6 @@ and writes ``report.md``, ``report.csv`` and PNG plots under ``RESULTS_DIR/repor
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import sys
@@ -76,27 +75,16 @@ def _warn(msg: str) -> None:
 
 def load_results(results_dir: str | Path) -> list[dict]:
     """The complete runs of ``results_dir/runs/*/result.json``, sorted by benchmark, label and seed. Files that
-    fail to parse or whose ``status`` is not ``complete`` are skipped with a warning line on stderr. Raises
-    ``FileNotFoundError`` when the folder has no ``runs/*/result.json``."""
-    runs = Path(results_dir) / "runs"
-    paths = sorted(runs.glob("*/result.json"))
-    if not paths:
-        raise FileNotFoundError(f"no runs/<run_id>/result.json under {results_dir} (is it an experiment's results "
-                                "folder?)")
-    results = []
-    for p in paths:
-        try:
-            r = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            _warn(f"skipping {p}: cannot parse ({exc})")
-            continue
-        if not isinstance(r, dict) or r.get("status") != "complete":
-            _warn(f"skipping {p}: status {r.get('status') if isinstance(r, dict) else None!r}, not 'complete'")
-            continue
-        results.append(r)
+    fail to parse or check, or whose ``status`` is not ``complete``, are skipped with a warning line on stderr
+    (the same reader as the runner's resume and summary). Raises ``FileNotFoundError`` when the folder has no
+    ``runs/*/result.json``."""
+    from ..runner.store import stored_results
     from ..runner.summary import split_labels
 
-    results = split_labels(results)  # runs of different configs under one label are not seeds of one config
+    if not any((Path(results_dir) / "runs").glob("*/result.json")):
+        raise FileNotFoundError(f"no runs/<run_id>/result.json under {results_dir} (is it an experiment's results "
+                                "folder?)")
+    results = split_labels(stored_results(Path(results_dir), warn=_warn))  # different configs: not seeds of one
     results.sort(key=lambda r: (str(r.get("benchmark")), str(r.get("label")), r.get("seed", 0)))
     return results
 

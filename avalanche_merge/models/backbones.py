@@ -19,23 +19,30 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A registered backbone: ``build(options, benchmark, seed) -> nn.Module``."""
+    """A registered backbone: ``build(options, benchmark, seed) -> nn.Module``.
+
+    ``skeleton(options, input_shape, num_classes) -> nn.Module`` (optional) builds the same architecture on the
+    ``meta`` device without loading or pretraining any weights, after checking every path the build will read;
+    the runner's plan-time check (``--dry-run``) resolves LoRA targets and analysis layers on it.
+    """
 
     name: str
     build: Callable[[Any, Any, int], nn.Module]
     config_cls: type
     description: str
     offline: bool = True
+    skeleton: Callable[[Any, tuple[int, int, int], int], nn.Module] | None = None
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
-def register_backbone(name: str, *, config_cls: type, description: str, offline: bool = True) -> Callable:
-    """Decorator registering a backbone builder."""
+def register_backbone(name: str, *, config_cls: type, description: str, offline: bool = True,
+                      skeleton: Callable | None = None) -> Callable:
+    """Decorator registering a backbone builder (``skeleton``: see :class:`BackboneSpec`)."""
 
     def decorator(build: Callable) -> Callable:
-        BACKBONES.add(name, BackboneSpec(name, build, config_cls, description, offline))
+        BACKBONES.add(name, BackboneSpec(name, build, config_cls, description, offline, skeleton))
         return build
 
     return decorator
@@ -76,17 +83,52 @@ class TinyViTOptions:
             raise ValueError("head='pretrained' needs pretrained=True")
 
 
-@register_backbone("tiny_vit", config_cls=TinyViTOptions,
+def _tiny_vit_config(options: TinyViTOptions, input_shape: tuple[int, int, int], num_classes: int):
+    from .vit import TinyViTConfig
+
+    c, s, _ = input_shape
+    if s % options.patch_size:
+        raise ValueError(f"patch_size {options.patch_size} does not divide the benchmark's image size {s}")
+    return TinyViTConfig(image_size=s, patch_size=options.patch_size, in_chans=c, dim=options.dim,
+                         depth=options.depth, heads=options.heads, num_classes=num_classes)
+
+
+def tiny_vit_skeleton(options: TinyViTOptions, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The ``tiny_vit`` architecture on the meta device; checks the checkpoint (keys and shapes) and cache folder.
+
+    Raises:
+        ValueError: the architecture does not fit the benchmark, the checkpoint is not a safetensors file of
+            this architecture, or the cache folder is a file or cannot be written.
+        FileNotFoundError: ``checkpoint`` does not exist.
+    """
+    from .pretrain import check_cache_dir, checkpoint_shapes
+    from .vit import TinyViT
+
+    vit = _tiny_vit_config(options, input_shape, num_classes)
+    with torch.device("meta"):
+        model = TinyViT(vit)
+    if options.checkpoint is not None:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = checkpoint_shapes(options.checkpoint)
+        if found != expected:
+            missing = sorted(set(expected) - set(found))
+            extra = sorted(set(found) - set(expected))
+            wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+            raise ValueError(f"checkpoint {options.checkpoint} does not fit tiny_vit {vit.to_dict()}: missing "
+                             f"{missing[:4]}, unexpected {extra[:4]}, wrong shapes "
+                             f"{[(k, found[k], expected[k]) for k in wrong[:4]]}")
+    elif options.pretrained:
+        check_cache_dir(options.cache_dir)
+    return model
+
+
+@register_backbone("tiny_vit", config_cls=TinyViTOptions, skeleton=tiny_vit_skeleton,
                    description="4-block ViT (d=64, ~140k params) pretrained offline on reserved MNIST 5k images")
 def build_tiny_vit(options: TinyViTOptions, benchmark, seed: int) -> nn.Module:
     from .pretrain import PretrainConfig, load_checkpoint, pretrained_tiny_vit
-    from .vit import TinyViT, TinyViTConfig
+    from .vit import TinyViT
 
-    c, s, _ = benchmark.input_shape
-    if s % options.patch_size:
-        raise ValueError(f"patch_size {options.patch_size} does not divide the benchmark's image size {s}")
-    vit = TinyViTConfig(image_size=s, patch_size=options.patch_size, in_chans=c, dim=options.dim,
-                        depth=options.depth, heads=options.heads, num_classes=benchmark.num_classes)
+    vit = _tiny_vit_config(options, benchmark.input_shape, benchmark.num_classes)
     if options.checkpoint is not None:
         state, _ = load_checkpoint(options.checkpoint)
         model = TinyViT(vit)
@@ -134,7 +176,22 @@ class OpenCLIPOptions:
             raise ValueError("model_name must be a non-empty open_clip architecture name")
 
 
-@register_backbone("open_clip", config_cls=OpenCLIPOptions, offline=False,
+def open_clip_skeleton(options: OpenCLIPOptions, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The open_clip zero-shot classifier's architecture on the meta device (no weights read, no text encoded).
+
+    Raises:
+        ValueError: unknown or unsupported architecture, or a config open_clip rejects.
+        FileNotFoundError: ``pretrained`` is not an existing file.
+    """
+    from .clip import ZeroShotClassifier, open_clip_architecture
+
+    with torch.device("meta"):
+        model = open_clip_architecture(options.model_name, pretrained=options.pretrained, model_cfg=options.model_cfg)
+        head = torch.empty(num_classes, int(model.visual.output_dim))
+        return ZeroShotClassifier(model.visual, head)
+
+
+@register_backbone("open_clip", config_cls=OpenCLIPOptions, offline=False, skeleton=open_clip_skeleton,
                    description="open_clip image tower with a zero-shot head from class names (local weights)")
 def build_open_clip(options: OpenCLIPOptions, benchmark, seed: int) -> nn.Module:
     from .clip import DEFAULT_TEMPLATES, zero_shot_classifier

@@ -184,6 +184,48 @@ def _resolve_config(model_name: str, model_cfg: Mapping[str, Any] | None) -> dic
     return cfg
 
 
+def _checkpoint_path(pretrained: str | os.PathLike[str] | None) -> Path | None:
+    if pretrained is None:
+        return None
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained must be a path or None, got {type(pretrained).__name__}")
+    checkpoint = Path(pretrained).expanduser()
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"pretrained={os.fspath(pretrained)!r} is not an existing file; weights cannot be downloaded here, "
+            "so give a local checkpoint path (or None for a random initialisation)"
+        )
+    return checkpoint
+
+
+def _build_architecture(model_name: str, cfg: dict[str, Any]) -> nn.Module:
+    import open_clip
+
+    model_class = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    try:
+        return model_class(**cfg)
+    except TypeError as error:  # unknown keys in a caller's config
+        raise ValueError(f"invalid config for {model_name!r}: {error}") from None
+
+
+def open_clip_architecture(
+    model_name: str,
+    *,
+    pretrained: str | os.PathLike[str] | None = None,
+    model_cfg: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The CLIP model :func:`load_open_clip` would build, with random weights and ``pretrained`` only checked.
+
+    Build it under ``torch.device("meta")`` for a free shape check (the runner's plan-time check does).
+
+    Raises:
+        FileNotFoundError: ``pretrained`` is not an existing file.
+        ValueError: unknown or unsupported architecture.
+    """
+    _checkpoint_path(pretrained)
+    return _build_architecture(model_name, _resolve_config(model_name, model_cfg))
+
+
 def load_open_clip(
     model_name: str,
     *,
@@ -210,22 +252,9 @@ def load_open_clip(
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    checkpoint: Path | None = None
-    if pretrained is not None:
-        if not isinstance(pretrained, (str, os.PathLike)):
-            raise TypeError(f"pretrained must be a path or None, got {type(pretrained).__name__}")
-        checkpoint = Path(pretrained).expanduser()
-        if not checkpoint.is_file():
-            raise FileNotFoundError(
-                f"pretrained={os.fspath(pretrained)!r} is not an existing file; weights cannot be downloaded here, "
-                "so give a local checkpoint path (or None for a random initialisation)"
-            )
+    checkpoint = _checkpoint_path(pretrained)
     cfg = _resolve_config(model_name, model_cfg)
-    model_class = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
-    try:
-        model = model_class(**cfg)
-    except TypeError as error:  # unknown keys in a caller's config
-        raise ValueError(f"invalid config for {model_name!r}: {error}") from None
+    model = _build_architecture(model_name, cfg)
     if checkpoint is not None:  # our loader: open_clip's retries without weights_only on a TypeError (issue 15)
         state = load_weights(checkpoint)
         try:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,28 +163,78 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, metadata: dict) ->
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a safetensors checkpoint written by :func:`save_checkpoint`: ``(state_dict, metadata)``."""
-    from safetensors import safe_open
+    """Read a safetensors checkpoint written by :func:`save_checkpoint`: ``(state_dict, metadata)``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: ``path`` is not a readable safetensors file (the message names it).
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("avalanche_merge", "{}"))
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("avalanche_merge", "{}"))
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as exc:  # json's errors are ValueErrors too
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from None
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors checkpoint, read from its header only (no tensor is loaded).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: ``path`` is not a readable safetensors file (the message names it).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from None
+
+
+def check_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache folder, refused when it is a file or (when it must be created or written) not writable."""
+    path = Path(cache_dir or default_cache_dir()).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cache_dir {path} exists and is not a folder")
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cache_dir {path} cannot be written (the pretrained checkpoint is stored there)")
+    return path
 
 
 def pretrained_tiny_vit(config: PretrainConfig | None = None, *, cache_dir: str | Path | None = None,
                         progress: bool = True) -> tuple[TinyViT, dict]:
-    """The pretrained backbone for ``config``, trained once and then loaded from the safetensors cache."""
+    """The pretrained backbone for ``config``, trained once and then loaded from the safetensors cache.
+
+    A cache entry that cannot be read or does not fit the architecture (a truncated or overwritten file) is
+    named in a warning, moved aside to ``<name>.corrupt`` and rebuilt.
+    """
     config = config or PretrainConfig()
-    path = Path(cache_dir or default_cache_dir()) / f"tiny_vit-{config.fingerprint()}.safetensors"
-    if not path.is_file():
-        model, meta = pretrain_tiny_vit(config, progress=progress)
-        save_checkpoint(model, path, meta)
-    state, meta = load_checkpoint(path)
+    path = check_cache_dir(cache_dir) / f"tiny_vit-{config.fingerprint()}.safetensors"
     model = TinyViT(config.vit)
-    model.load_state_dict(state)
+    if path.is_file():
+        try:
+            state, meta = load_checkpoint(path)
+            model.load_state_dict(state)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"cached checkpoint {path} is corrupt ({str(exc)[:200]}); moved to "
+                          f"{path.name}.corrupt and pretrained again", stacklevel=2)
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+    if not path.is_file():
+        trained, meta = pretrain_tiny_vit(config, progress=progress)
+        save_checkpoint(trained, path, meta)
+        state, meta = load_checkpoint(path)
+        model.load_state_dict(state)
     meta["path"] = str(path)
     return model, meta

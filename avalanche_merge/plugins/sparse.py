@@ -3,12 +3,16 @@
 Callbacks -> learner calls (the maths lives in the learner):
 
 - ``before_training``: build the learner on ``strategy.model``;
-- ``before_training_exp``: ``learner.begin_task(batches)`` on up to ``max_samples`` ``(x, y)`` samples of the
-  experience (seeded order, evaluation transforms), then the optimizer is reset to the learner's parameters;
+- ``before_training_exp``: before the first experience ``learner.set_stream_length(n)`` (a capacity forecast under
+  ownership); ``learner.set_task_steps(len(dataloader) * train_epochs)``; ``learner.begin_task(batches)`` on up to
+  ``max_samples`` ``(x, y)`` samples of the experience (seeded order, evaluation transforms), which records the
+  task's capacity and applies ``on_exhausted``; then the optimizer is reset to the learner's parameters;
 - ``after_backward``: ``learner.after_backward()`` (gradient masks);
 - ``before_update`` / ``after_update``: ``learner.before_step()`` / ``learner.after_step()`` around the optimizer
   step (masked weights restored bit for bit; dynamic masks refreshed);
 - ``after_training_exp``: ``learner.end_task()``.
+
+:meth:`SparsePlugin.method_info` returns the per-task capacity records (requested and granted update budget).
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ from torch.utils.data import DataLoader, Subset
 
 from ..sparse import SparseLearner, make_sparse_config
 from ..sparse.registry import SPARSE_LEARNERS
+from .lora import stream_length
 from .optim import restrict_optimizer
+
+
+def task_steps(strategy: Any) -> int | None:
+    """Optimizer steps of the experience about to train: ``len(strategy.dataloader) * train_epochs`` (``None``
+    when the loader has no length)."""
+    try:
+        n = len(strategy.dataloader) * int(strategy.train_epochs)
+    except (AttributeError, TypeError):
+        return None
+    return n if n >= 1 else None
 
 
 def experience_batches(strategy: Any, max_samples: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,6 +71,11 @@ class SparsePlugin(SupervisedPlugin):
             raise RuntimeError("SparsePlugin is bound to another model; use one plugin per strategy")
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.learner.task < 0:
+            n = stream_length(strategy.experience)
+            if n is not None:
+                self.learner.set_stream_length(n)
+        self.learner.set_task_steps(task_steps(strategy))
         batches = experience_batches(strategy, self.config.max_samples, self.config.seed)
         restrict_optimizer(strategy, self.learner.begin_task(batches), self.config.lr)
 
@@ -70,3 +90,7 @@ class SparsePlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.learner.end_task()
+
+    def method_info(self) -> dict:
+        """JSON-ready per-task capacity records (:meth:`SparseLearner.capacity_record`; empty before training)."""
+        return {"capacity": [] if self.learner is None else self.learner.capacity_record()}

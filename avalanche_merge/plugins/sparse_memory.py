@@ -85,8 +85,11 @@ class SparseMemoryOptions:
     background_samples: int = 256
 
     def __post_init__(self) -> None:
-        self.memory_config(1)  # validates the memory fields (input_dim is known only at insertion)
+        memory = self.memory_config(1)  # validates the memory fields (input_dim is known only at insertion)
         self.finetune_config()
+        if self.density is None and self.top_t > memory.n_slots:
+            raise ValueError(f"top_t must be in [1, n_keys**2 = {memory.n_slots}] (rows updated per batch cannot "
+                             f"exceed the memory's slots), got {self.top_t}")
         if isinstance(self.background_samples, bool) or not isinstance(self.background_samples, int):
             raise TypeError(f"background_samples must be an int, got {type(self.background_samples).__name__}")
         check_range("background_samples", self.background_samples, 0)

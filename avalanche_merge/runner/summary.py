@@ -1,8 +1,10 @@
 """Aggregate stored runs into ``summary.csv`` and ``summary.md``: one row per (benchmark, method).
 
-Metrics that vary over seeds get ``_mean`` and ``_std`` columns (sample standard deviation, 0 for one seed);
-values that are the same for every seed (e.g. ``trainable_params``) get one column. Accuracies are fractions in
-[0, 1] in the CSV and percentages in the markdown table.
+Accuracy metrics are recomputed from each run's stored accuracy matrix (never read from its ``metrics`` field), by
+the same function as ``avalanche-merge report``, so the two can never disagree. Metrics that vary over seeds get
+``_mean`` and ``_std`` columns (sample standard deviation, 0 for one seed); values that are the same for every
+seed (e.g. ``trainable_params``) get one column. Accuracies are fractions in [0, 1] in the CSV and percentages in
+the markdown table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from ..evaluation.matrix import summarize_matrix
 
 VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
            "peak_rss_mb", "retrieval_acc", "within_task_acc")
@@ -27,7 +30,7 @@ WITHIN_TASK_KEY = "WithinTaskAcc_Stream/eval_phase/test_stream"
 
 
 def _run_values(result: dict) -> dict:
-    m = result["metrics"]
+    m = summarize_matrix(result["accuracy_matrix"])  # the matrix is the one source of truth (as in the report)
     pre = result.get("pretrained_accuracy")
     return {
         "final_acc": m["final_acc"], "avg_inc_acc": m["avg_inc_acc"], "bwt": m["bwt"],

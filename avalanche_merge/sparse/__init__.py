@@ -1,6 +1,7 @@
 """Sparse fine-tuning for continual learning (pure torch; no Avalanche import).
 
 - :mod:`.masks`: importance scores (gradient, Fisher, weight change, random) and top-k mask selection;
+- :mod:`.capacity`: per-task accounting of the update budget under ownership and the ``on_exhausted`` policy;
 - :mod:`.guard`: :class:`MaskedUpdate`, masked weights bit-identical through any optimizer step;
 - :mod:`.learner` / :mod:`.masked`: the sparse-learner protocol and :class:`MaskedFineTuner` (a mask per task);
 - :mod:`.dst`: dynamic sparse training, SET and RigL (Yildirim et al., CPAL 2024);
@@ -14,6 +15,7 @@
 """
 
 from . import dst, masked, sparcl, sparcl_update  # noqa: F401 - each module registers its learners
+from .capacity import CapacityExhaustedError, CapacityWarning, TaskCapacity, task_capacity
 from .guard import MaskedUpdate
 from .learner import SparseConfig, SparseLearner
 from .masked import MaskedConfig, MaskedFineTuner
@@ -35,7 +37,8 @@ from .registry import (
     register_sparse_learner,
 )
 
-__all__ = ["SPARSE_LEARNERS", "MaskedConfig", "MaskedFineTuner", "MaskedUpdate", "MemoryConfig", "ProductKeyMemory",
+__all__ = ["SPARSE_LEARNERS", "CapacityExhaustedError", "CapacityWarning", "TaskCapacity", "task_capacity",
+           "MaskedConfig", "MaskedFineTuner", "MaskedUpdate", "MemoryConfig", "ProductKeyMemory",
            "SparseMemoryFinetuner", "insert_memory", "SparseConfig", "SparseLearner",
            "change_scores", "density_of", "fisher_scores", "gradient_scores", "list_sparse_learners", "mask_overlap",
            "make_sparse_config", "make_sparse_learner", "random_scores", "register_sparse_learner", "select_masks"]

@@ -5,6 +5,13 @@ Updates" (CPAL 2024) give every task a sparse sub-network of the weights that ea
 DST: start from a random topology with per-layer densities from ERK or uniform, and every ``update_every``
 optimizer steps drop the ``drop_fraction`` weakest active weights of each layer and regrow as many inactive ones:
 
+Drop-fraction schedule: ``drop_schedule="constant"`` (default) or ``"cosine"`` from ``drop_fraction`` down to
+``drop_fraction_min`` at ``end_step`` (or ``end_fraction`` of the task's steps), after which the mask is fixed
+(:func:`cosine_drop_fraction`). The papers' settings are :data:`PAPER_SCHEDULES`: Yildirim et al.'s code decays
+0.5 -> 0.005 over the whole task with updates every 400 batches; RigL decays 0.3 -> 0 with updates every 100 steps
+until 75% of training. Drop counts round to nearest (``round(f * count)``; RigL's code truncates, Yildirim et al.'s
+rounds up).
+
 - :class:`SET` (Mocanu et al., Nature Communications 2018): regrow uniformly at random;
 - :class:`RigL` (Evci et al., "Rigging the Lottery", ICML 2020): regrow the inactive weights whose *dense* gradient
   of the step is largest (captured in ``after_backward``, before the guard masks it).
@@ -69,12 +76,23 @@ class DSTConfig(SparseConfig):
         init: per-layer densities of the task's mask: ``"erk"`` or ``"uniform"`` (the topology itself is random).
         update_every: optimizer steps between mask updates, >= 1 (RigL's ``delta T``).
         drop_fraction: fraction of each layer's active weights dropped (and regrown) per update, in (0, 1)
-            (RigL's ``alpha``; at step ``t`` with ``drop_schedule="cosine"`` it is
-            ``drop_fraction * (1 + cos(pi * t / end_step)) / 2``).
-        drop_schedule: ``"constant"`` or ``"cosine"`` (needs ``end_step``).
-        end_step: last optimizer step of a task (counted from 1) at which the mask may change, >= 1, or ``None``
-            (no end; ``"constant"`` only). RigL stops updates at 75% of training.
+            (RigL's ``alpha``; with ``drop_schedule="cosine"`` its value at step 0).
+        drop_schedule: ``"constant"`` or ``"cosine"``: at step ``t`` (optimizer steps of the task so far, the
+            update's own step included) ``drop_fraction_min + (drop_fraction - drop_fraction_min) *
+            (1 + cos(pi * min(t, end) / end)) / 2`` (:func:`cosine_drop_fraction`); needs ``end_step`` or
+            ``end_fraction``.
+        drop_fraction_min: the cosine's floor, in [0, drop_fraction) (RigL: 0; Yildirim et al.'s code: 0.005).
+        end_step: last optimizer step of a task (counted from 1) at which the mask may change, >= 1, or ``None``.
+        end_fraction: the same as a fraction of the task's optimizer steps, in (0, 1]: ``end = max(1,
+            floor(end_fraction * task_steps))`` with ``task_steps`` from ``set_task_steps`` (the Avalanche plugin
+            passes ``len(dataloader) * train_epochs``). RigL stops at 0.75; Yildirim et al. decay over the whole
+            task (1.0). At most one of ``end_step`` and ``end_fraction``; with neither, updates never stop
+            (``"constant"`` only).
         drop_by: ``"change"`` (smallest ``|w - w_start|``, default) or ``"magnitude"`` (smallest ``|w|``).
+
+    Defaults: a constant 0.3 every 100 steps with no end (RigL's ``alpha`` and ``delta T``, without its decay).
+    The registered methods ``dst_set`` / ``dst_rigl`` update every 10 steps (the offline bench's experiences are
+    25-60 steps long). The papers' schedules are in :data:`PAPER_SCHEDULES`.
 
     ``scope`` must stay ``"tensor"``: the per-layer counts come from ``init``.
     """
@@ -83,7 +101,9 @@ class DSTConfig(SparseConfig):
     update_every: int = 100
     drop_fraction: float = 0.3
     drop_schedule: str = "constant"
+    drop_fraction_min: float = 0.0
     end_step: int | None = None
+    end_fraction: float | None = None
     drop_by: str = "change"
 
     def __post_init__(self) -> None:
@@ -97,10 +117,16 @@ class DSTConfig(SparseConfig):
         check_range("drop_fraction", self.drop_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if self.drop_schedule not in SCHEDULES:
             raise ValueError(f"drop_schedule must be one of {list(SCHEDULES)}, got {self.drop_schedule!r}")
+        check_range("drop_fraction_min", self.drop_fraction_min, 0.0, self.drop_fraction, high_open=True)
         if self.end_step is not None:
             _check_int("end_step", self.end_step, 1)
-        elif self.drop_schedule == "cosine":
-            raise ValueError("drop_schedule='cosine' needs end_step (an int >= 1), got None")
+        if self.end_fraction is not None:
+            check_range("end_fraction", self.end_fraction, 0.0, 1.0, low_open=True)
+            if self.end_step is not None:
+                raise ValueError(f"give end_step or end_fraction, not both (got {self.end_step} and "
+                                 f"{self.end_fraction})")
+        if self.drop_schedule == "cosine" and self.end_step is None and self.end_fraction is None:
+            raise ValueError("drop_schedule='cosine' needs end_step (an int >= 1) or end_fraction (in (0, 1])")
         if self.drop_by not in DROP_CRITERIA:
             raise ValueError(f"drop_by must be one of {list(DROP_CRITERIA)}, got {self.drop_by!r}")
 
@@ -175,9 +201,27 @@ def layer_counts(shapes: Mapping[str, Sequence[int]], density: float, init: str 
     return _largest_remainder({n: dens[n] * numel[n] for n in shapes}, total, free)
 
 
-def cosine_drop_fraction(step: int, drop_fraction: float, end_step: int) -> float:
-    """RigL's cosine decay: ``drop_fraction * (1 + cos(pi * min(step, end_step) / end_step)) / 2``."""
-    return drop_fraction * (1.0 + math.cos(math.pi * min(step, end_step) / end_step)) / 2.0
+def cosine_drop_fraction(step: int, drop_fraction: float, end_step: int, minimum: float = 0.0) -> float:
+    """Cosine decay of the drop fraction from ``drop_fraction`` at step 0 to ``minimum`` at ``end_step``:
+    ``minimum + (drop_fraction - minimum) * (1 + cos(pi * min(step, end_step) / end_step)) / 2``.
+
+    With ``minimum = 0`` this is RigL's schedule (Evci et al. 2020; google-research/rigl anneals the drop fraction
+    with TensorFlow's ``cosine_decay(drop_fraction, global_step, end_step - begin_step)``, alpha 0); with
+    ``minimum = 0.005`` and ``end_step`` the task's length it is the ``CosineAnnealingLR(death_rate, T_max,
+    eta_min=0.005)`` of Yildirim et al.'s code (muratonuryildirim/CL-with-DST), stepped once per batch.
+    """
+    return minimum + (drop_fraction - minimum) * (1.0 + math.cos(math.pi * min(step, end_step) / end_step)) / 2.0
+
+
+# The papers' schedules, for ``make_sparse_learner("set" | "rigl", model, **PAPER_SCHEDULES[name])``.
+PAPER_SCHEDULES: dict[str, dict] = {
+    # Yildirim et al. (CPAL 2024), CL-with-DST's cifar100.py defaults: death_rate 0.5, update_frequency 400,
+    # cosine over the task's batches (T_max = len(loader) * epochs) down to eta_min 0.005, no end step
+    "yildirim2024": {"drop_schedule": "cosine", "drop_fraction": 0.5, "drop_fraction_min": 0.005,
+                     "update_every": 400, "end_fraction": 1.0},
+    # Evci et al. (ICML 2020), ImageNet: alpha 0.3, delta T 100, cosine decay, updates stop at 75% of training
+    "rigl2020": {"drop_schedule": "cosine", "drop_fraction": 0.3, "update_every": 100, "end_fraction": 0.75},
+}
 
 
 # -- learners -------------------------------------------------------------------------------------------------------
@@ -201,8 +245,20 @@ class DynamicSparseLearner(SparseLearner):
         self.updates: list[dict] = []
         self.dense_grads: dict[str, torch.Tensor] | None = None
         self.generator = torch.Generator()
+        self.end_step: int | None = None  # the current task's last update step (from end_step or end_fraction)
+
+    def resolve_end_step(self) -> int | None:
+        """The current task's last update step: ``end_step``, or ``max(1, floor(end_fraction * task_steps))``."""
+        cfg: DSTConfig = self.config
+        if cfg.end_fraction is None:
+            return cfg.end_step
+        if self.task_steps is None:
+            raise RuntimeError("end_fraction needs the task's length: call set_task_steps(n) before begin_task "
+                               "(the Avalanche plugin does)")
+        return max(1, math.floor(cfg.end_fraction * self.task_steps + 1e-9))
 
     def begin_task(self, batches=None):
+        self.end_step = self.resolve_end_step()
         self.start = {n: p.detach().clone() for n, p in self.params.items()}
         self.step = 0
         self.updates = []
@@ -221,10 +277,15 @@ class DynamicSparseLearner(SparseLearner):
             masks[name] = topk_mask(scores.masked_fill(~free[name], -math.inf), self.counts[name])
         return masks
 
+    def requested_counts(self) -> dict[str, int]:
+        """``init``'s counts on a model where nothing is owned (ERK or uniform)."""
+        return layer_counts({n: tuple(p.shape) for n, p in self.params.items()}, self.config.density,
+                            self.config.init)
+
     # -- protocol ------------------------------------------------------------------------------------------
     def _update_due(self, step: int) -> bool:
         cfg: DSTConfig = self.config
-        return step % cfg.update_every == 0 and (cfg.end_step is None or step <= cfg.end_step)
+        return step % cfg.update_every == 0 and (self.end_step is None or step <= self.end_step)
 
     def after_backward(self) -> None:
         if self.needs_dense_gradient and self._update_due(self.step + 1):
@@ -245,7 +306,7 @@ class DynamicSparseLearner(SparseLearner):
     def current_drop_fraction(self) -> float:
         cfg: DSTConfig = self.config
         if cfg.drop_schedule == "cosine":
-            return cosine_drop_fraction(self.step, cfg.drop_fraction, cfg.end_step)
+            return cosine_drop_fraction(self.step, cfg.drop_fraction, self.end_step, cfg.drop_fraction_min)
         return cfg.drop_fraction
 
     @torch.no_grad()

@@ -9,10 +9,16 @@ from your own loop; no Avalanche import here:
 3. ``learner.before_step()`` / ``learner.after_step()`` around ``optimizer.step()``: entries outside the mask are
    restored bit for bit (Adam moments and weight decay cannot leak into them), dynamic masks are refreshed;
 4. ``learner.end_task()``: the task's mask becomes owned (frozen for later tasks) and its statistics are recorded.
+
+Optional: ``learner.set_stream_length(n)`` before the first task (a forecast of the ownership capacity, see
+:mod:`.capacity`) and ``learner.set_task_steps(n)`` before each task (the optimizer steps it will run; schedules
+given as a fraction of the task need it). Every ``begin_task`` records a :class:`~.capacity.TaskCapacity` in
+``learner.capacity`` (what the task asked for and got, per tensor) and applies the ``on_exhausted`` policy.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,6 +28,15 @@ from torch import nn
 
 from ..config import check_range
 from ..merging.heads import find_head
+from .capacity import (
+    CapacityWarning,
+    TaskCapacity,
+    check_capacity,
+    check_capacity_options,
+    full_tasks,
+    ownership_forecast,
+    task_capacity,
+)
 from .guard import MaskedUpdate
 from .masks import (
     SCOPES,
@@ -50,6 +65,12 @@ class SparseConfig:
         lr: learning rate of the learner's parameters when driven by the Avalanche plugin, > 0; ``None`` keeps
             the strategy optimizer's rate (a sparse update moves the function slowly: a larger rate than dense
             fine-tuning is usual).
+        on_exhausted: what to do when a task gets less than ``min_fraction`` of its requested update budget
+            (ownership has used up the weights): ``"warn"`` (a :class:`~.capacity.CapacityWarning`, default),
+            ``"error"`` (a :class:`~.capacity.CapacityExhaustedError` when the task starts) or ``"ignore"``.
+            Each task's allocation is recorded either way (``learner.capacity``).
+        min_fraction: the smallest acceptable fraction of its requested budget a task may get, in [0, 1]
+            (default 0.5; 0 never triggers ``on_exhausted``).
     """
 
     density: float = 0.1
@@ -61,9 +82,12 @@ class SparseConfig:
     max_samples: int = 512
     seed: int = 0
     lr: float | None = None
+    on_exhausted: str = "warn"
+    min_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         check_density(self.density)
+        check_capacity_options(self.on_exhausted, self.min_fraction)
         if self.lr is not None:
             check_range("lr", self.lr, 0.0, None, low_open=True)
         if self.scope not in SCOPES:
@@ -100,6 +124,9 @@ class SparseLearner:
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, torch.Tensor]] = []  # each finished task's mask (bool, CPU)
         self.guard: MaskedUpdate | None = None
+        self.capacity: list[TaskCapacity] = []  # one record per started task
+        self.stream_length: int | None = None
+        self.task_steps: int | None = None
         self.task = -1
 
     def _selectable(self) -> dict[str, nn.Parameter]:
@@ -121,6 +148,9 @@ class SparseLearner:
         self.task += 1
         frozen = self.owned if self.config.ownership else None
         self.masks = self.choose_masks(list(batches or []), frozen)
+        record = task_capacity(self.task, self.config.density, self.masks, frozen, self.requested_counts())
+        self.capacity.append(record)
+        check_capacity(record, min_fraction=self.config.min_fraction, on_exhausted=self.config.on_exhausted)
         self.guard = MaskedUpdate(self.params, self.masks)
         self.model.requires_grad_(False)
         for name, p in self.params.items():
@@ -146,7 +176,38 @@ class SparseLearner:
         for n, m in final.items():
             self.owned[n] |= m.to(self.owned[n].device)
 
+    def set_stream_length(self, n_tasks: int) -> None:
+        """Tell the learner the stream has ``n_tasks`` tasks (before the first one): under ownership, warn now
+        (unless ``on_exhausted="ignore"``) if :func:`~.capacity.ownership_forecast` says that some tasks will get
+        less than ``min_fraction`` of their budget."""
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
+        self.stream_length = n_tasks
+        cfg = self.config
+        if not cfg.ownership or cfg.on_exhausted == "ignore":
+            return
+        short = [t for t, f in enumerate(ownership_forecast(cfg.density, n_tasks)) if f < cfg.min_fraction]
+        if short:
+            warnings.warn(f"ownership at density {cfg.density}: about {full_tasks(cfg.density)} tasks get their full "
+                          f"update budget, so tasks {short[0]}..{short[-1]} of this {n_tasks}-task stream are "
+                          f"expected to get less than min_fraction={cfg.min_fraction} of it; use density <= "
+                          f"{1 / n_tasks:.4g} or ownership=False", CapacityWarning, stacklevel=2)
+
+    def set_task_steps(self, n_steps: int | None) -> None:
+        """The optimizer steps the next task will run (``None``: unknown); used by schedules given as a fraction
+        of the task (:class:`~.dst.DSTConfig`'s ``end_fraction``)."""
+        if n_steps is not None and (isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1):
+            raise ValueError(f"n_steps must be an int >= 1 or None, got {n_steps!r}")
+        self.task_steps = n_steps
+
     # -- to override ---------------------------------------------------------------------------------------
+    def requested_counts(self) -> dict[str, int] | None:
+        """Entries each tensor's mask asks for when nothing is owned: ``round(density * numel)`` per tensor with
+        ``scope="tensor"``; ``None`` with ``scope="global"`` (one request of ``round(density * N)``)."""
+        if self.config.scope != "tensor":
+            return None
+        return {n: round(self.config.density * p.numel()) for n, p in self.params.items()}
+
     def choose_masks(self, batches: list, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -154,6 +215,10 @@ class SparseLearner:
     def updated_fraction(self) -> list[float]:
         """Per finished task, the fraction of selectable weights its mask let it update."""
         return [density_of(m) for m in self.history]
+
+    def capacity_record(self) -> list[dict]:
+        """JSON-ready :class:`~.capacity.TaskCapacity` of every started task (requested and granted budget)."""
+        return [r.as_dict() for r in self.capacity]
 
     def overlap_matrix(self) -> list[list[float]]:
         """Jaccard overlap of the finished tasks' masks (0 everywhere off the diagonal under ownership)."""

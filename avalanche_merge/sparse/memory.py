@@ -303,7 +303,8 @@ class SparseMemoryConfig:
     """Sparse memory fine-tuning (Lin et al., 2025).
 
     Args:
-        top_t: value rows updated per batch (the top ``t`` of the batch's accessed slots by TF-IDF), >= 1.
+        top_t: value rows updated per batch (the top ``t`` of the batch's accessed slots by TF-IDF), in
+            ``[1, n_slots]`` (the upper bound is checked when the finetuner meets its memory).
             Lin et al. update t = 500 to 10k rows of a 1M-slot memory per batch.
         density: alternatively, ``t`` as a fraction of the slots, in (0, 1]; overrides ``top_t`` when given.
         lr: learning rate of :meth:`SparseMemoryFinetuner.make_optimizer`, > 0. Lin et al. use SGD at a large
@@ -381,6 +382,9 @@ class SparseMemoryFinetuner:
             if len(found) != 1:
                 raise ValueError(f"model holds {len(found)} ProductKeyMemory modules; pass memory=")
             memory = found[0]
+        if config.density is None and config.top_t > memory.n_slots:
+            raise ValueError(f"top_t must be in [1, {memory.n_slots}] (the memory's n_keys**2 slots), "
+                             f"got {config.top_t}")
         self.model = model
         self.memory = memory
         self.config = config

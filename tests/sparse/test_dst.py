@@ -11,7 +11,13 @@ from torch import nn
 
 from avalanche_merge.models.vit import TinyViT, TinyViTConfig
 from avalanche_merge.sparse import make_sparse_learner
-from avalanche_merge.sparse.dst import DSTConfig, cosine_drop_fraction, erk_densities, layer_counts
+from avalanche_merge.sparse.dst import (
+    PAPER_SCHEDULES,
+    DSTConfig,
+    cosine_drop_fraction,
+    erk_densities,
+    layer_counts,
+)
 
 
 def _mlp(seed=0):
@@ -78,6 +84,101 @@ def test_cosine_drop_fraction():
     assert cosine_drop_fraction(50, 0.3, 100) == pytest.approx(0.15)
     assert cosine_drop_fraction(100, 0.3, 100) == pytest.approx(0.0)
     assert cosine_drop_fraction(150, 0.3, 100) == pytest.approx(0.0)
+
+
+def test_cosine_drop_fraction_at_several_steps_exactly():
+    # RigL (minimum 0): alpha * (1 + cos(pi * t / T)) / 2 with T = 400; cos(pi/4) = sqrt(2)/2, cos(3 pi/4) = -sqrt(2)/2
+    r2 = math.sqrt(2) / 2
+    assert [cosine_drop_fraction(t, 0.3, 400) for t in (0, 100, 200, 300, 400, 401, 800)] == pytest.approx(
+        [0.3, 0.15 * (1 + r2), 0.15, 0.15 * (1 - r2), 0.0, 0.0, 0.0], abs=1e-15)
+    # Yildirim et al.'s floor: 0.005 + 0.495 * (1 + cos(pi * t / T)) / 2; cos(2 pi / 5) = (sqrt(5) - 1) / 4
+    c = (math.sqrt(5) - 1) / 4
+    assert [cosine_drop_fraction(t, 0.5, 1000, 0.005) for t in (0, 400, 500, 600, 1000)] == pytest.approx(
+        [0.5, 0.005 + 0.2475 * (1 + c), 0.2525, 0.005 + 0.2475 * (1 - c), 0.005], abs=1e-15)
+
+
+def test_cosine_drop_fraction_equals_torch_cosine_annealing_as_in_the_papers_code():
+    """Yildirim et al.'s code anneals the death rate with torch's CosineAnnealingLR(0.5, T_max, eta_min=0.005),
+    stepped once per batch; after t steps its rate is our schedule at step t."""
+    T = 60
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=T, eta_min=0.005)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(T):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert [cosine_drop_fraction(t, 0.5, T, 0.005) for t in range(T + 1)] == pytest.approx(rates, abs=1e-9)
+
+
+def test_learner_uses_the_schedule_at_the_update_step_and_stops_at_end_fraction():
+    learner = make_sparse_learner("set", _mlp(), density=0.2, update_every=4, drop_fraction=0.5,
+                                  drop_fraction_min=0.1, drop_schedule="cosine", end_fraction=0.75, train_head=False)
+    learner.set_task_steps(20)  # end = floor(0.75 * 20) = 15: updates at steps 4, 8, 12 (16 is past the end)
+    _task(learner, _batches(), 20)
+    assert learner.end_step == 15
+    assert [u["step"] for u in learner.updates] == [4, 8, 12]
+    expected = [0.1 + 0.4 * (1 + math.cos(math.pi * t / 15)) / 2 for t in (4, 8, 12)]
+    assert [u["drop_fraction"] for u in learner.updates] == pytest.approx(expected, abs=1e-12)
+    learner.end_task()
+    learner.set_task_steps(8)  # the next task is shorter: end = 6, one update at step 4
+    _task(learner, _batches(seed=1), 8)
+    assert learner.end_step == 6 and [u["step"] for u in learner.updates] == [4]
+    assert learner.updates[0]["drop_fraction"] == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi * 4 / 6)) / 2)
+
+
+def test_constant_schedule_keeps_the_fraction_and_end_fraction_needs_the_task_length():
+    learner = make_sparse_learner("rigl", _mlp(), density=0.2, update_every=3, drop_fraction=0.3, train_head=False,
+                                  end_fraction=0.5)
+    learner.set_task_steps(13)  # end = floor(6.5) = 6
+    _task(learner, _batches(), 13)
+    assert learner.end_step == 6
+    assert [(u["step"], u["drop_fraction"]) for u in learner.updates] == [(3, 0.3), (6, 0.3)]
+    learner.end_task()
+    learner.set_task_steps(11)  # end = floor(5.5) = 5: step 6 is past it
+    _task(learner, _batches(seed=1), 11)
+    assert learner.end_step == 5 and [u["step"] for u in learner.updates] == [3]
+    learner.end_task()
+    learner.set_task_steps(None)
+    with pytest.raises(RuntimeError, match=r"end_fraction needs the task's length: call set_task_steps"):
+        learner.begin_task(_batches())
+    with pytest.raises(ValueError, match="n_steps must be an int >= 1 or None"):
+        learner.set_task_steps(0)
+
+
+def test_paper_schedules_are_the_papers_values_and_valid():
+    assert PAPER_SCHEDULES["yildirim2024"] == {"drop_schedule": "cosine", "drop_fraction": 0.5,
+                                               "drop_fraction_min": 0.005, "update_every": 400, "end_fraction": 1.0}
+    assert PAPER_SCHEDULES["rigl2020"] == {"drop_schedule": "cosine", "drop_fraction": 0.3, "update_every": 100,
+                                           "end_fraction": 0.75}
+    for options in PAPER_SCHEDULES.values():
+        DSTConfig(**options)
+    default = DSTConfig()
+    assert (default.drop_schedule, default.drop_fraction, default.update_every, default.end_step,
+            default.end_fraction, default.drop_fraction_min) == ("constant", 0.3, 100, None, None, 0.0)
+
+
+def test_sparse_plugin_passes_the_task_length_for_end_fraction():
+    from avalanche.training import Naive
+
+    from avalanche_merge.benchmarks import build_benchmark
+    from avalanche_merge.plugins.sparse import SparsePlugin
+
+    bench = build_benchmark("split_digits", seed=0, n_experiences=2, max_train_per_class=10)
+    torch.manual_seed(0)
+    model = TinyViT(TinyViTConfig(dim=16, depth=1, heads=2, num_classes=10))
+    plugin = SparsePlugin(method="set", options={"density": 0.1, "update_every": 1, "drop_schedule": "cosine",
+                                                 "end_fraction": 0.5})
+    strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=2, device="cpu",
+                     evaluator=None, plugins=[plugin])
+    strategy.train(bench.scenario.train_stream[0])
+    learner = plugin.learner
+    steps_per_epoch = math.ceil(len(bench.scenario.train_stream[0].dataset) / 16)
+    assert learner.task_steps == 2 * steps_per_epoch == learner.step
+    assert learner.end_step == learner.task_steps // 2
+    assert [u["step"] for u in learner.updates] == list(range(1, learner.end_step + 1))
+    assert learner.updates[-1]["drop_fraction"] == pytest.approx(0.0, abs=1e-12)
 
 
 # -- schedule and density -------------------------------------------------------------------------------------------
@@ -263,7 +364,12 @@ def test_tiny_vit_erk_counts_and_update():
     ({"drop_fraction": 1.0}, r"drop_fraction must be in \(0.0, 1.0\), got 1.0"),
     ({"init": "er"}, r"init must be one of \['erk', 'uniform'\], got 'er'"),
     ({"drop_schedule": "linear"}, r"drop_schedule must be one of"),
-    ({"drop_schedule": "cosine"}, r"needs end_step"),
+    ({"drop_schedule": "cosine"}, r"needs end_step \(an int >= 1\) or end_fraction"),
+    ({"end_step": 5, "end_fraction": 0.5}, r"give end_step or end_fraction, not both"),
+    ({"end_fraction": 0.0}, r"end_fraction must be in \(0.0, 1.0\], got 0.0"),
+    ({"end_fraction": 1.5}, r"end_fraction must be in \(0.0, 1.0\], got 1.5"),
+    ({"drop_fraction_min": 0.3}, r"drop_fraction_min must be in \[0.0, 0.3\), got 0.3"),
+    ({"drop_fraction_min": -0.01}, r"drop_fraction_min must be in"),
     ({"end_step": 0}, r"end_step must be an int >= 1, got 0"),
     ({"drop_by": "gradient"}, r"drop_by must be one of"),
     ({"scope": "global"}, r"scope must be 'tensor'"),

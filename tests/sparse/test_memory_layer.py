@@ -3,6 +3,7 @@
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,58 @@ def test_forward_equals_dense_reference(top_k):
     assert torch.equal(fast_idx, memory.last_indices.sort(-1).values)
     assert memory.last_indices.shape == (21, 2, top_k)
     torch.testing.assert_close(memory.last_weights.sum(-1), torch.ones(21, 2))
+
+
+def independent_memory_output(memory, x):
+    """Lample et al.'s memory read, scoring every slot from the raw parameters (NumPy, float64), token by token.
+
+    Slot ``i * n_keys + j`` has key ``[keys[h, 0, i]; keys[h, 1, j]]`` (the Cartesian product of the sub-keys);
+    its score is the dot product of that full key with head ``h``'s full query ``W x + b`` (batch-normalised with
+    the running statistics when the memory has a query BatchNorm, in eval mode). The top-``k`` slots of all
+    ``n_keys ** 2`` are softmax-weighted, their value rows summed, and the heads' reads summed.
+    """
+    c = memory.config
+    W = memory.query.weight.detach().double().numpy()
+    b = memory.query.bias.detach().double().numpy()
+    keys = memory.keys.detach().double().numpy()
+    V = memory.values.weight.detach().double().numpy()
+    tokens = x.detach().double().numpy().reshape(-1, c.input_dim)
+    full_keys = np.stack([[np.concatenate([keys[h, 0, i], keys[h, 1, j]])
+                           for i in range(c.n_keys) for j in range(c.n_keys)] for h in range(c.heads)])
+    out = np.zeros((len(tokens), c.output_dim))
+    for t, token in enumerate(tokens):
+        query = W @ token + b
+        if memory.query_bn is not None:
+            bn = memory.query_bn
+            mean, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+            query = (query - mean) / np.sqrt(var + bn.eps) * bn.weight.detach().double().numpy() \
+                + bn.bias.detach().double().numpy()
+        for h in range(c.heads):
+            scores = full_keys[h] @ query[h * c.key_dim:(h + 1) * c.key_dim]
+            top = np.argsort(-scores, kind="stable")[:c.top_k]
+            weights = np.exp(scores[top] - scores[top].max())
+            weights /= weights.sum()
+            out[t] += weights @ V[top]
+    return torch.from_numpy(out).float().reshape(*x.shape[:-1], c.output_dim)
+
+
+@pytest.mark.parametrize("heads, top_k, batchnorm", [(1, 1, False), (3, 5, False), (2, 7, True), (2, 36, False)])
+def test_forward_equals_an_independent_dense_computation(heads, top_k, batchnorm):
+    memory = small_memory(heads=heads, top_k=top_k, query_batchnorm=batchnorm, output_dim=5)
+    with torch.no_grad():
+        memory.query.bias.uniform_(-1.0, 1.0)  # a bias that moves the scores (kills a dropped query bias)
+        if batchnorm:
+            bn = memory.query_bn
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    memory.eval()
+    assert memory.query.bias.abs().min() > 0
+    x = torch.randn(2, 3, 8)
+    ref = independent_memory_output(memory, x)
+    assert ref.abs().max() > 0.01
+    torch.testing.assert_close(memory(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_output_shape_and_dims():
@@ -76,6 +129,19 @@ def test_bad_memory_config(opts, match):
 def test_bad_finetune_config(opts, match):
     with pytest.raises(ValueError, match=match):
         SparseMemoryConfig(**opts)
+
+
+def test_top_t_larger_than_the_memory_raises_at_construction():
+    model = torch.nn.Sequential(small_memory(n_keys=4, top_k=2))  # 16 slots
+    with pytest.raises(ValueError, match=r"top_t must be in \[1, 16\] \(the memory's n_keys\*\*2 slots\), got 17"):
+        SparseMemoryFinetuner(model, top_t=17, train_head=None)
+    assert SparseMemoryFinetuner(model, top_t=16, train_head=None).config.t_for(16) == 16
+    assert SparseMemoryFinetuner(model, top_t=17, density=1.0, train_head=None).config.t_for(16) == 16
+    from avalanche_merge.plugins.sparse_memory import SparseMemoryOptions
+
+    with pytest.raises(ValueError, match=r"top_t must be in \[1, n_keys\*\*2 = 16\].*got 17"):
+        SparseMemoryOptions(n_keys=4, top_k=2, top_t=17)
+    assert SparseMemoryOptions(n_keys=4, top_k=2, top_t=16).top_t == 16
 
 
 def test_inserted_memory_is_a_noop_at_init_and_keeps_names():

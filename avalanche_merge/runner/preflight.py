@@ -1,0 +1,114 @@
+"""Plan-time checks that need the benchmark's shapes and the model's architecture (``--dry-run`` runs them too).
+
+:func:`plan_experiment` validates names, types and ranges. :func:`preflight` goes one step further, cheaply and
+before any pretraining or training: it builds each benchmark once (offline data: a second; local datasets: their
+files are found and read), builds each backbone's architecture on the ``meta`` device (no weights loaded,
+nothing pretrained) after checking every path the real build will read (checkpoints, cache folder, open_clip
+weights), and resolves on it what the runs will look up by name: LoRA ``target_modules`` and the analysis
+``layers``. Combinations that cannot run (representation drift of a routed model) are refused here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ..config import ConfigError
+from .plan import RunPlan
+
+
+def _key(options: Any) -> str:
+    return json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+
+
+def _shapes(plans: list[RunPlan]) -> dict[tuple[str, str], tuple[tuple[int, int, int], int]]:
+    """``(input_shape, num_classes)`` of each distinct benchmark config (built once, with the first seed)."""
+    from ..benchmarks import BENCHMARKS
+
+    out: dict[tuple[str, str], tuple[tuple[int, int, int], int]] = {}
+    for plan in plans:
+        key = (plan.benchmark, _key(plan.benchmark_options))
+        if key in out:
+            continue
+        try:
+            bench = BENCHMARKS.get(plan.benchmark).build(plan.benchmark_options, plan.seed)
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"benchmark {plan.benchmark!r}: {exc}") from None
+        out[key] = (tuple(bench.input_shape), int(bench.num_classes))
+    return out
+
+
+def _skeletons(plans: list[RunPlan], shapes: dict) -> dict[tuple, Any]:
+    """The meta-device architecture of each distinct (backbone config, benchmark shapes)."""
+    from ..models import BACKBONES
+
+    out: dict[tuple, Any] = {}
+    for plan in plans:
+        shape = shapes[(plan.benchmark, _key(plan.benchmark_options))]
+        key = (plan.model, _key(plan.model_options), shape)
+        if key in out:
+            continue
+        spec = BACKBONES.get(plan.model)
+        if spec.skeleton is None:
+            out[key] = None
+            continue
+        try:
+            out[key] = spec.skeleton(plan.model_options, *shape)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"model.options ({plan.model} on {plan.benchmark}, input {shape[0]}, "
+                              f"{shape[1]} classes): {exc}") from None
+    return out
+
+
+def _check_targets(plan: RunPlan, model: Any) -> None:
+    """LoRA ``target_modules`` (any method option of that name) must match linear layers of the model."""
+    from ..lora.adapters import resolve_targets
+    from ..merging.heads import find_head
+
+    targets = getattr(plan.method_options, "target_modules", None)
+    if not targets:
+        return
+    head = getattr(plan.method_options, "head", "auto")
+    try:
+        exclude = [find_head(model, head if isinstance(head, str) else "auto")]
+        resolve_targets(model, targets, exclude=exclude)
+    except ValueError as exc:
+        raise ConfigError(f"methods ({plan.label}).options.target_modules on {plan.benchmark}: {exc}") from None
+
+
+def _check_analysis(plan: RunPlan, model: Any) -> None:
+    """Analysis layers must be modules of the model; drift cannot probe a routed model (tasks run apart)."""
+    from ..strategies import METHODS
+
+    analysis = plan.analysis
+    if analysis is None or not analysis.drift:
+        return
+    if METHODS.get(plan.method).protocol == "routed":
+        raise ConfigError(f"analysis.drift: {plan.label!r} routes each input to its task's adapter, so a layer "
+                          f"never sees a whole probe batch and drift cannot be measured; set "
+                          f"\"drift\": false for this experiment or run the routed method in another one")
+    if analysis.layers and model is not None:
+        names = {n for n, _ in model.named_modules() if n}
+        missing = [n for n in analysis.layers if n not in names]
+        if missing:
+            blocks = sorted({n.split(".")[0] + "." + n.split(".")[1] for n in names if n.count(".") >= 1})[:8]
+            raise ConfigError(f"analysis.layers: {missing[0]!r} is not a module of {plan.model}; e.g. {blocks}")
+
+
+def preflight(plans: list[RunPlan]) -> None:
+    """Check ``plans`` against the benchmarks' shapes and the models' architectures (see the module doc).
+
+    Raises:
+        ConfigError: the first problem found, naming the config field.
+    """
+    if not plans:
+        return
+    shapes = _shapes(plans)
+    skeletons = _skeletons(plans, shapes)
+    for plan in plans:
+        shape = shapes[(plan.benchmark, _key(plan.benchmark_options))]
+        model = skeletons[(plan.model, _key(plan.model_options), shape)]
+        if model is not None:
+            _check_targets(plan, model)
+        _check_analysis(plan, model)
