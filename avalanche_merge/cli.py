@@ -30,7 +30,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in METHODS.names():
         spec = METHODS.get(name)
         protocol = spec.protocol + ("+prototypes" if spec.prototypes else "")
-        tags = [spec.kind, spec.family, f"protocol: {protocol}"] + ([] if spec.in_bench else ["not in bench"])
+        tags = [spec.kind, spec.family, f"protocol: {protocol}"] + ([f"base: {spec.base}"] if spec.base else [])
+        tags += [] if spec.in_bench else ["not in bench"]
         print(f"  {name:<16} [{', '.join(tags)}] {spec.description}")
     return 0
 

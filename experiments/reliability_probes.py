@@ -200,6 +200,47 @@ def relabeled_configs(tmp: Path):
     return ("ok" if len(labels) == 2 else "silent"), f"labels in the report: {labels}"
 
 
+def _cli_process(tmp: Path, config: str, out: Path):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "avalanche_merge.cli", "run", config, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def two_processes(tmp: Path):
+    """Two ``avalanche-merge run`` processes on one folder: every run computed once, both summaries complete."""
+    config = config_file(tmp, "two", methods=["naive", "ewc"], seeds=[0, 1])
+    procs = [_cli_process(tmp, config, tmp / "out") for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    computed = [log.count("final acc") for log in logs]
+    ok = all(p.returncode == 0 for p in procs) and sum(computed) == 4
+    codes = [p.returncode for p in procs]
+    return ("ok" if ok else "silent"), f"runs computed by each process: {computed} (4 planned); exit {codes}"
+
+
+def sigkill_resume(tmp: Path):
+    """SIGKILL during the second run, then the same command: the first run is kept, nothing is left half-written."""
+    import signal
+    import time
+
+    config = config_file(tmp, "kill", methods=["naive"], seeds=[0, 1, 2])
+    proc = _cli_process(tmp, config, tmp / "out")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp / "out" / "runs").glob("*/result.json"))) < 1:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = len(list((tmp / "out" / "runs").glob("*/result.json")))
+    again = _cli_process(tmp, config, tmp / "out")
+    log = again.communicate(timeout=600)[0]
+    recomputed = log.count("final acc")
+    ok = again.returncode == 0 and kept >= 1 and kept + recomputed == 3 and not list((tmp / "out").rglob(".tmp-*"))
+    return ("ok" if ok else "silent"), (f"{kept} run(s) kept after kill -9, {recomputed} computed on resume, "
+                                        f"exit {again.returncode}")
+
+
 def merging(fn):
     def probe(tmp):
         import torch
@@ -276,6 +317,10 @@ PROBES = {
         ("pretrain --cache-dir is a file", "exit 2", ["pretrain", "--cache-dir", "/proc/version"]),
         ("report on a missing folder", "exit 2", ["report", "/no/such/results"]),
         ("config file missing", "exit 2", ["run", "/no/such/config.json"]),
+    ],
+    "concurrency and interruption (real processes)": [
+        ("two runners on one --out", "each run computed once", two_processes),
+        ("kill -9 mid-experiment, then resume", "completed runs kept, the rest computed", sigkill_resume),
     ],
     "stored results": [
         ("corrupt result.json (6 contents)", "re-run, identical result, summary kept", corrupt_results),

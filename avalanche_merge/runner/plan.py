@@ -250,6 +250,8 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
                 check_schedule(spec.name, moptions, n_exp, bentry.name)
                 if callable(getattr(moptions, "check_protocol", None)):  # options that need a given protocol
                     moptions.check_protocol(protocol)
+                if callable(getattr(moptions, "check_epochs", None)):  # schedules that need enough epochs
+                    moptions.check_epochs(train.epochs)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"methods[{j}] ({label}) on benchmarks[{i}] ({bentry.name}): {exc}") from None
             prototypes = spec.prototypes if entry.prototypes is None else bool(entry.prototypes)

@@ -5,14 +5,16 @@
 - :mod:`.guard`: :class:`MaskedUpdate`, masked weights bit-identical through any optimizer step;
 - :mod:`.learner` / :mod:`.masked`: the sparse-learner protocol and :class:`MaskedFineTuner` (a mask per task);
 - :mod:`.dst`: dynamic sparse training, SET and RigL (Yildirim et al., CPAL 2024);
-- :mod:`.sparcl`: SparCL (Wang et al., NeurIPS 2022): dynamic weight and gradient masks, data removal;
+- :mod:`.sparcl` / :mod:`.ddr`: SparCL as published (Wang et al., NeurIPS 2022): task-aware dynamic weight masks,
+  dynamic gradient masks, dynamic data removal by per-stage forgetting counts;
+- :mod:`.sparcl_update`: SparCL-style dynamic weight and gradient masks on the task update, with ownership;
 - :mod:`.memory` / :mod:`.tfidf`: a product-key memory layer and sparse memory fine-tuning by TF-IDF slot ranking
   (Lin et al. 2025).
 
 ``make_sparse_learner(name, model, **options)`` builds any registered learner; ``list_sparse_learners()``.
 """
 
-from . import dst, masked, sparcl  # noqa: F401 - each module registers its learners
+from . import dst, masked, sparcl, sparcl_update  # noqa: F401 - each module registers its learners
 from .capacity import CapacityExhaustedError, CapacityWarning, TaskCapacity, task_capacity
 from .guard import MaskedUpdate
 from .learner import SparseConfig, SparseLearner

@@ -87,6 +87,44 @@ def select_masks(scores: Mapping[str, torch.Tensor], density: float, *, scope: s
     return masks
 
 
+def pick_among(scores: Mapping[str, torch.Tensor], allowed: Mapping[str, torch.Tensor], counts: Mapping[str, int] | int,
+               *, largest: bool = True) -> dict[str, torch.Tensor]:
+    """Masks of the ``counts`` entries with the largest (or smallest) ``scores`` among the ``allowed`` ones.
+
+    Args:
+        scores: per-parameter scores (NaN counts as the least preferred).
+        allowed: per-parameter bool masks of the candidates.
+        counts: per tensor (a mapping) or over all tensors together (an int); fewer candidates: all of them.
+        largest: pick the largest scores (else the smallest).
+
+    Returns:
+        ``{name: bool mask}``; ties are broken by ``torch.topk`` (deterministic on CPU).
+    """
+    fill = -float("inf") if largest else float("inf")
+    masked = {n: torch.nan_to_num(s.float(), nan=-fill).masked_fill(~allowed[n], fill) for n, s in scores.items()}
+    if isinstance(counts, Mapping):
+        out = {}
+        for n, s in masked.items():
+            k = min(counts[n], int(allowed[n].sum()))
+            out[n] = _topk_flat(s.flatten(), k, largest).view_as(s)
+        return out
+    flat = torch.cat([s.flatten() for s in masked.values()])
+    k = min(counts, int(sum(int(a.sum()) for a in allowed.values())))
+    chosen = _topk_flat(flat, k, largest)
+    out, start = {}, 0
+    for n, s in masked.items():
+        out[n] = chosen[start:start + s.numel()].view_as(s)
+        start += s.numel()
+    return out
+
+
+def _topk_flat(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, largest=largest, sorted=False).indices] = True
+    return mask
+
+
 Loss = Callable[[nn.Module, object], torch.Tensor]
 
 

@@ -119,6 +119,51 @@ def build_replay(ctx: BuildContext, cfg: ReplayConfig):
 
 
 @dataclass
+class DERConfig:
+    """DER++ (Buzzega et al., "Dark Experience for General Continual Learning", NeurIPS 2020) with Avalanche's
+    ``DER`` (:class:`~avalanche_merge.strategies.der.DERPP`: the current-batch term goes through the criterion, so
+    head protocols apply).
+
+    Defaults from SparCL's script (the published SparCL runs on this base): 500 samples, ``alpha`` 0.1,
+    ``beta`` 0.5 (DER++'s own defaults for sequential CIFAR-10 are in the same range).
+
+    Args:
+        mem_size: buffer size (class-balanced, filled after each experience), >= 1.
+        alpha: weight of the logit-matching (MSE) term, >= 0.
+        beta: weight of the buffer cross-entropy term, >= 0 (0: DER).
+        batch_size_mem: buffer mini-batch size, >= 1; ``None``: the training batch size.
+    """
+
+    mem_size: int = 500
+    alpha: float = 0.1
+    beta: float = 0.5
+    batch_size_mem: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mem_size, bool) or not isinstance(self.mem_size, int) or self.mem_size < 1:
+            raise ValueError(f"mem_size must be an int >= 1, got {self.mem_size!r}")
+        check_range("alpha", self.alpha, 0.0)
+        check_range("beta", self.beta, 0.0)
+        if self.batch_size_mem is not None and (isinstance(self.batch_size_mem, bool)
+                                                or not isinstance(self.batch_size_mem, int)
+                                                or self.batch_size_mem < 1):
+            raise ValueError(f"batch_size_mem must be an int >= 1 or None, got {self.batch_size_mem!r}")
+
+    def strategy_options(self) -> dict:
+        """Keyword arguments of :class:`~avalanche_merge.strategies.der.DERPP`."""
+        return {"mem_size": self.mem_size, "alpha": self.alpha, "beta": self.beta,
+                "batch_size_mem": self.batch_size_mem}
+
+
+@register_method("der", config_cls=DERConfig,
+                 description="DER++: replay of stored logits and labels (Buzzega et al. 2020; Avalanche DER)")
+def build_der(ctx: BuildContext, cfg: DERConfig):
+    from .der import DERPP
+
+    return DERPP(model=ctx.model, optimizer=ctx.optimizer(), **cfg.strategy_options(), **ctx.strategy_kwargs())
+
+
+@dataclass
 class SIConfig:
     """Synaptic Intelligence (Zenke et al., ICML 2017).
 

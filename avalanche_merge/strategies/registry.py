@@ -139,6 +139,7 @@ class MethodSpec:
         protocols: the protocols a config may choose for it (``()`` when the method owns its classifier:
             ``prototype`` and ``routed`` methods).
         prototypes: with ``per_task``, evaluate by class-mean prototypes (CL-LoRA).
+        base: the registered method whose strategy this one runs inside (e.g. ``"der"`` for SparCL), or None.
     """
 
     name: str
@@ -155,6 +156,7 @@ class MethodSpec:
     protocol: str = "shared"
     protocols: tuple[str, ...] = CHOOSABLE
     prototypes: bool = False
+    base: str | None = None
 
     def resolve_protocol(self, override: str | None, scenario_type: str, benchmark_name: str,
                          classes_repeat: bool | None = None) -> str:
@@ -220,11 +222,13 @@ def register_method(name: str, *, config_cls: type = NoOptions, description: str
                     family: str = "baseline", scenarios: tuple[str, ...] = SCENARIO_TYPES,
                     needs_task_labels: bool = False, trains_once: bool = False, in_bench: bool = True,
                     pretrained_eval: bool = True, protocol: str = "shared",
-                    protocols: tuple[str, ...] | None = None, prototypes: bool = False) -> Callable:
+                    protocols: tuple[str, ...] | None = None, prototypes: bool = False,
+                    base: str | None = None) -> Callable:
     """Decorator registering ``build(ctx, config) -> SupervisedTemplate`` as method ``name``.
 
     ``protocol`` is the head protocol of the method's paper; ``protocols`` the ones a config may choose
-    (default: every choosable protocol when ``protocol`` is one, none for ``prototype``/``routed`` methods).
+    (default: every choosable protocol when ``protocol`` is one, none for ``prototype``/``routed`` methods);
+    ``base`` the registered method whose strategy the method runs inside, if any.
     """
     if kind not in ("strategy", "plugin"):
         raise ValueError(f"kind must be 'strategy' or 'plugin', got {kind!r}")
@@ -244,7 +248,7 @@ def register_method(name: str, *, config_cls: type = NoOptions, description: str
     def decorator(build: Callable) -> Callable:
         METHODS.add(name, MethodSpec(name, build, config_cls, description, kind, family, tuple(scenarios),
                                      needs_task_labels, trains_once, in_bench, pretrained_eval, protocol,
-                                     tuple(protocols), prototypes))
+                                     tuple(protocols), prototypes, base))
         return build
 
     return decorator
@@ -259,7 +263,8 @@ def register_plugin_method(name: str, *, make_plugin: Callable[[BuildContext, An
         plugged = dataclasses.replace(ctx, plugins=list(ctx.plugins) + [make_plugin(ctx, cfg)])
         return base_spec.build(plugged, base_spec.config_cls())
 
-    register_method(name, config_cls=config_cls, description=description, kind="plugin", **capabilities)(build)
+    register_method(name, config_cls=config_cls, description=description, kind="plugin", base=base,
+                    **capabilities)(build)
 
 
 def list_methods(*, bench_only: bool = False) -> list[str]:
