@@ -11,8 +11,11 @@ Avalanche's callbacks to :class:`~avalanche_merge.sparse.memory.SparseMemoryFine
   parameter);
 - ``after_forward``: keep the batch's memory accesses; ``after_backward``: TF-IDF top-``t`` selection and gradient
   mask; ``before_update`` / ``after_update``: snapshot and restore of the unselected rows (exact with any optimizer);
-- ``after_training_exp``: the accesses of up to ``background_samples`` inputs of the experience just trained join
-  the background set (one TF-IDF document per mini-batch), so later experiences avoid the slots it relies on.
+- background (``background`` option): with ``"pretrain"`` (Lin et al.), the accesses of up to
+  ``background_samples`` pretraining inputs are counted once at setup, one TF-IDF document per batch of
+  ``background_batch_size`` inputs; with ``"stream"``, at ``after_training_exp`` the accesses of up to
+  ``background_samples`` inputs of the experience just trained join the background set, so later experiences avoid
+  the slots it relies on; ``"both"`` does both.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from ..sparse.memory import (
     resolve_block,
 )
 from .lora import experience_inputs
+
+BACKGROUNDS = ("stream", "pretrain", "both")
 
 
 @dataclass(kw_only=True)
@@ -61,8 +66,20 @@ class SparseMemoryOptions:
             :class:`~avalanche_merge.sparse.memory.MemoryConfig`.
         top_t, density, lr, optimizer, momentum, weight_decay, only_with_grad, train_head: see
             :class:`~avalanche_merge.sparse.memory.SparseMemoryConfig`.
-        background_samples: inputs per trained experience added to the TF-IDF background, >= 0 (0: none, slots
-            are ranked by batch frequency only).
+        background_samples: inputs added to the TF-IDF background per source, >= 0: per trained experience
+            (``"stream"``), and from the pretraining data once (``"pretrain"``); 0 with ``"stream"``: no background,
+            slots are ranked by batch frequency only.
+        background: what the TF-IDF background documents are: ``"stream"`` (default: inputs of the experiences
+            trained so far), ``"pretrain"`` (Lin et al.: batches of the pretraining data, fixed before
+            fine-tuning; the registered method uses the tiny ViT's MNIST pretraining pool, other callers pass
+            ``pretrain_inputs`` to the plugin) or ``"both"``.
+        background_batch_size: inputs per background document, >= 1; ``None``: the training mini-batch size (Lin
+            et al. count one document per batch).
+
+    Regime: protection needs the slots a new batch updates to be rarely read by the background. With the defaults
+    (1024 slots, every batch of 32 images x 17 tokens makes 17,408 reads) nearly every slot is read by every
+    document and the idf cannot separate them; :data:`PAPER_REGIME` is a config measured to be in the regime on the
+    bench TinyViT (``experiments/sparse_memory_regime.py``).
     """
 
     block: int | str = -1
@@ -83,6 +100,8 @@ class SparseMemoryOptions:
     only_with_grad: bool = True
     train_head: str | None = "auto"
     background_samples: int = 256
+    background: Literal["stream", "pretrain", "both"] = "stream"
+    background_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         memory = self.memory_config(1)  # validates the memory fields (input_dim is known only at insertion)
@@ -93,6 +112,24 @@ class SparseMemoryOptions:
         if isinstance(self.background_samples, bool) or not isinstance(self.background_samples, int):
             raise TypeError(f"background_samples must be an int, got {type(self.background_samples).__name__}")
         check_range("background_samples", self.background_samples, 0)
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
+        if self.background != "stream" and self.background_samples == 0:
+            raise ValueError(f"background={self.background!r} needs background_samples >= 1 pretraining inputs, "
+                             "got 0")
+        if self.background_batch_size is not None:
+            if isinstance(self.background_batch_size, bool) or not isinstance(self.background_batch_size, int):
+                raise TypeError(f"background_batch_size must be an int or None, got "
+                                f"{type(self.background_batch_size).__name__}")
+            check_range("background_batch_size", self.background_batch_size, 1)
+
+    @property
+    def uses_pretrain(self) -> bool:
+        return self.background in ("pretrain", "both")
+
+    @property
+    def uses_stream(self) -> bool:
+        return self.background in ("stream", "both") and self.background_samples > 0
 
     def memory_config(self, input_dim: int) -> MemoryConfig:
         names = {f.name for f in fields(MemoryConfig)} - {"input_dim", "output_dim"}
@@ -107,13 +144,28 @@ class SparseMemoryPlugin(SupervisedPlugin):
 
     Args:
         options: a :class:`SparseMemoryOptions`; ``kwargs`` build one when ``None``.
+        pretrain_inputs: inputs of the model's pretraining data (needed when ``options.background`` is
+            ``"pretrain"`` or ``"both"``); the first ``background_samples`` form the background.
+        document_size: inputs per background document when ``options.background_batch_size`` is None (the
+            registered builder passes the training batch size; default: the strategy's ``train_mb_size``).
     """
 
-    def __init__(self, options: SparseMemoryOptions | None = None, **kwargs: Any) -> None:
+    def __init__(self, options: SparseMemoryOptions | None = None, *, pretrain_inputs: torch.Tensor | None = None,
+                 document_size: int | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.options = options if options is not None else SparseMemoryOptions(**kwargs)
+        if self.options.uses_pretrain and pretrain_inputs is None:
+            raise ValueError(f"background={self.options.background!r} needs pretrain_inputs (the pretraining data)")
+        self.pretrain_inputs = pretrain_inputs
+        self.document_size = document_size
         self.finetuner: SparseMemoryFinetuner | None = None
         self._indices: torch.Tensor | None = None
+
+    def _document_size(self, strategy: Any = None) -> int:
+        size = self.options.background_batch_size or self.document_size
+        if size is None:
+            size = getattr(strategy, "train_mb_size", None) or 32
+        return int(size)
 
     @property
     def memory(self) -> ProductKeyMemory | None:
@@ -132,6 +184,10 @@ class SparseMemoryPlugin(SupervisedPlugin):
                                    config=self.options.memory_config(infer_block_dim(model, block)))
         self.finetuner = SparseMemoryFinetuner(model, memory, config=self.options.finetune_config())
         self.finetuner.freeze()
+        if self.options.uses_pretrain:
+            ref = next(model.parameters())
+            inputs = self.pretrain_inputs[: self.options.background_samples].to(ref.device)
+            self.finetuner.observe_documents(inputs, self._document_size())
         return self.finetuner
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
@@ -158,8 +214,14 @@ class SparseMemoryPlugin(SupervisedPlugin):
         self._indices = None
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.options.background_samples == 0:
+        if not self.options.uses_stream:
             return
-        for inputs in experience_inputs(strategy, self.options.background_samples,
-                                        seed=strategy.clock.train_exp_counter):
-            self.finetuner.observe_background(inputs)
+        batches = experience_inputs(strategy, self.options.background_samples, seed=strategy.clock.train_exp_counter)
+        if batches:
+            self.finetuner.observe_documents(torch.cat(batches), self._document_size(strategy))
+
+
+#: A configuration in the regime of Lin et al. on the bench TinyViT (measured by
+#: ``experiments/sparse_memory_regime.py``): a large memory read sparsely, few rows per batch, a pretraining background.
+PAPER_REGIME: dict = {"n_keys": 256, "heads": 4, "top_k": 8, "top_t": 64, "background": "pretrain",
+                      "background_samples": 1500}

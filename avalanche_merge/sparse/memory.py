@@ -439,6 +439,15 @@ class SparseMemoryFinetuner:
             raise RuntimeError("the memory has not been called yet; run a forward pass or pass inputs")
         self.background.add(slot_counts(self.memory.last_indices, self.memory.n_slots))
 
+    def observe_documents(self, inputs: torch.Tensor, document_size: int) -> int:
+        """Add ``inputs`` to the background as documents of ``document_size`` inputs each (Lin et al.: a document is
+        a batch); a last shorter chunk is a document too. Returns the number of documents added."""
+        _check_int("document_size", document_size)
+        chunks = inputs.split(document_size)
+        for chunk in chunks:
+            self.observe_background(chunk)
+        return len(chunks)
+
     def select(self, indices: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> torch.Tensor:
         """Bool mask ``[n_slots]`` of the top-``t`` slots of a batch's accesses (default: the last forward).
 

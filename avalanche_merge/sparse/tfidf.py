@@ -10,11 +10,11 @@ so slots read often by the current batch but rarely by background data rank high
 batch uses (general-purpose memory) get ``log(N / (N + 1)) < 0`` and rank last. With no background yet (``N = 0``)
 the idf is 1 and slots are ranked by batch frequency alone.
 
-Background choice (documented, see :class:`~avalanche_merge.plugins.sparse_memory.SparseMemoryPlugin`): Lin et al.
-use batches of pretraining data (DCLM). In a continual stream the analogue is the data the model already holds:
-the plugin accumulates the accesses of the inputs of every experience trained so far (after it is trained), so the
-slots that serve earlier experiences are protected; callers with pretraining data add it with
-:meth:`BackgroundCounts.add`.
+Background choice (see :class:`~avalanche_merge.plugins.sparse_memory.SparseMemoryOptions`, ``background``): Lin
+et al. rank slots "relative to usage on pretraining data": the background documents are batches of pretraining data
+(DCLM), fixed before fine-tuning. ``background="pretrain"`` does that with the backbone's pretraining pool;
+``"stream"`` uses the inputs of every experience trained so far instead (after it is trained). Protection only works
+when the slots a new batch updates are rarely read by the background: :func:`background_overlap` measures it.
 """
 
 from __future__ import annotations
@@ -78,6 +78,39 @@ def top_slots(scores: torch.Tensor, t: int, candidates: torch.Tensor | None = No
         order = scores[pool].argsort(descending=True, stable=True)[:t]
         return pool[order]
     return scores.argsort(descending=True, stable=True)[:t]
+
+
+def background_overlap(updated: torch.Tensor, background_df: torch.Tensor, n_background_docs: int) -> dict:
+    """How much of the background reads the slots that were updated (the regime check of sparse memory fine-tuning).
+
+    Args:
+        updated: bool ``[n_slots]``, the slots updated for new data (e.g. the union of the per-batch selections).
+        background_df: per slot, the number of background documents that read it, ``[n_slots]``.
+        n_background_docs: ``N``, the number of background documents, >= 1.
+
+    Returns:
+        ``{"updated": u, "read_by_half": f_half, "read_by_all": f_all}``: ``u`` updated slots, and the fractions of
+        them read by at least half of the background documents (``2 df >= N``) and by every one (``df = N``);
+        the fractions are NaN when no slot was updated.
+
+    Raises:
+        ValueError: mismatched shapes, ``N < 1``, or document frequencies outside ``[0, N]``.
+    """
+    if updated.shape != background_df.shape:
+        raise ValueError(f"updated and background_df must have the same shape, got {tuple(updated.shape)} and "
+                         f"{tuple(background_df.shape)}")
+    if isinstance(n_background_docs, bool) or not isinstance(n_background_docs, int) or n_background_docs < 1:
+        raise ValueError(f"n_background_docs must be an int >= 1, got {n_background_docs!r}")
+    df = background_df.float().cpu()
+    if bool((df < 0).any()) or bool((df > n_background_docs).any()):
+        raise ValueError(f"document frequencies must be in [0, {n_background_docs}] (n_background_docs)")
+    mask = updated.bool().cpu()
+    u = int(mask.sum())
+    if u == 0:
+        return {"updated": 0, "read_by_half": float("nan"), "read_by_all": float("nan")}
+    sel = df[mask]
+    return {"updated": u, "read_by_half": int((2 * sel >= n_background_docs).sum()) / u,
+            "read_by_all": int((sel == n_background_docs).sum()) / u}
 
 
 class BackgroundCounts:
