@@ -5,9 +5,10 @@ fine-tuning does), the real :class:`ParameterGeometryPluginMetric` driven throug
 ``after_training_exp`` hooks, then ``report()``. Peak RSS above the process's footprint before the metric is
 sampled with psutil, at E = 3 and E = ``--experiences``; the marginal memory per experience is the slope between
 the two (the fixed part: the last snapshot, the report's SVDs, allocator slack). RSS also counts the page cache of
-the memory-mapped step files of ``disk`` storage, which the kernel can reclaim. ``old`` re-creates the metric before issue 15 (a fp32 snapshot per experience
-and every step and cumulative vector rebuilt after each one). A ViT-B/16 estimate is computed from its parameter
-count (timm's ``vit_base_patch16_224`` built on the meta device) and the measured bytes per parameter.
+the memory-mapped step files of ``disk`` storage, which the kernel can reclaim. ``old`` re-creates the metric
+before issue 15 (a fp32 snapshot per experience and every step and cumulative vector rebuilt after each one).
+A ViT-B/16 estimate is computed from its parameter count (timm's ``vit_base_patch16_224`` built on the meta
+device) and the measured bytes per parameter.
 
     python experiments/geometry_memory.py            # writes experiments/results/geometry_memory/
 """
@@ -95,8 +96,9 @@ def main() -> None:
             row = {"model": model_name, **row, "peak_extra_mib_e3": small["peak_extra_mib"],
                    "marginal_mib": (row["peak_extra_mib"] - small["peak_extra_mib"]) / (args.experiences - 3)}
             rows.append(row)
-            print(f"{model_name:<18} {mode:<12} model {row['model_mib']:6.1f} MiB  peak +{row['peak_extra_mib']:7.1f} MiB"
-                  f"  marginal {row['marginal_mib']:6.1f} MiB per experience", flush=True)
+            print(f"{model_name:<18} {mode:<12} model {row['model_mib']:6.1f} MiB  "
+                  f"peak +{row['peak_extra_mib']:7.1f} MiB  marginal {row['marginal_mib']:6.1f} MiB per experience",
+                  flush=True)
     import timm
     import torch
 
@@ -115,7 +117,8 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['mode']} | {r['model_mib']:.1f} | {r['peak_extra_mib_e3']:.0f} | "
               f"{r['peak_extra_mib']:.0f} | {r['marginal_mib']:.1f} |" for r in rows]
     lines += ["", f"ViT-B/16 ({vitb / 1e6:.1f} M parameters, {4 * vitb / 2**20:.0f} MiB fp32), scaled by parameter "
-              f"count from the d256x6 rows: peak at E={e}: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in estimate.items())
+              f"count from the d256x6 rows: peak at E={e}: "
+              + ", ".join(f"{k} {v:.1f} GiB" for k, v in estimate.items())
               + "; per experience: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in marginal.items())]
     (OUT / "geometry_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
