@@ -155,7 +155,7 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float,
     if target >= sum(caps[n] * numel[n] for n in shapes):
         return dict(caps)
     capped: set[str] = set()
-    while True:
+    for _ in range(len(shapes) + 1):  # every round caps at least one more layer or stops
         rest = [n for n in shapes if n not in capped]
         budget = target - sum(caps[n] * numel[n] for n in capped)
         weight = sum(raw[n] * numel[n] for n in rest)

@@ -74,7 +74,7 @@ def select_masks(scores: Mapping[str, torch.Tensor], density: float, *, scope: s
     if scope == "tensor":
         masks = {}
         for name, s in free_scores.items():
-            free = int(torch.isfinite(s).sum()) if name in frozen else s.numel()
+            free = int((s > -float("inf")).sum()) if name in frozen else s.numel()
             masks[name] = topk_mask(s, min(round(density * s.numel()), free))
         return masks
     flat = torch.cat([s.flatten() for s in free_scores.values()])
