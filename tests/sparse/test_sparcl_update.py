@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_experiment
+from test_sparcl import _snapshot, _step
 from torch import nn
 
 from avalanche_merge.sparse import make_sparse_learner
@@ -19,22 +19,6 @@ def _mlp(seed=0):
 def _batches(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
-
-
-def _step(learner, opt, batch, on_grad=None):
-    x, y = batch
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(learner.model(x), y).backward()
-    if on_grad is not None:
-        on_grad()
-    learner.after_backward()
-    learner.before_step()
-    opt.step()
-    learner.after_step()
-
-
-def _snapshot(learner):
-    return {n: p.detach().clone() for n, p in learner.params.items()}
 
 
 def _grads(learner):
