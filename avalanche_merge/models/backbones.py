@@ -183,12 +183,12 @@ def open_clip_skeleton(options: OpenCLIPOptions, input_shape: tuple[int, int, in
         ValueError: unknown or unsupported architecture, or a config open_clip rejects.
         FileNotFoundError: ``pretrained`` is not an existing file.
     """
-    from .clip import ZeroShotClassifier, open_clip_architecture
+    from .clip import ZeroShotClassifier, _resolve_config, open_clip_architecture
 
+    embed_dim = int(_resolve_config(options.model_name, options.model_cfg)["embed_dim"])  # timm towers: no output_dim
     with torch.device("meta"):
         model = open_clip_architecture(options.model_name, pretrained=options.pretrained, model_cfg=options.model_cfg)
-        head = torch.empty(num_classes, int(model.visual.output_dim))
-        return ZeroShotClassifier(model.visual, head)
+        return ZeroShotClassifier(model.visual, torch.empty(num_classes, embed_dim))
 
 
 @register_backbone("open_clip", config_cls=OpenCLIPOptions, offline=False, skeleton=open_clip_skeleton,

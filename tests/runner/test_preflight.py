@@ -151,3 +151,13 @@ def test_geometry_include_must_match_a_weight(no_training):
     with pytest.raises(ConfigError, match=r"geometry_storage must be one of \['memory', 'disk'\], got 'cloud'"):
         check(tiny_experiment(["naive"], analysis={"geometry_storage": "cloud"}))
     check(tiny_experiment(["naive"], analysis={"geometry_include": r"blocks\.0\.", "geometry_dtype": "float16"}))
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "convnext_base"])
+def test_open_clip_skeletons_of_full_size_towers_cost_nothing(name):
+    """A full-size architecture (a timm tower too: no ``output_dim``) is built on the meta device, with no memory."""
+    from avalanche_merge.models.backbones import OpenCLIPOptions, open_clip_skeleton
+
+    model = open_clip_skeleton(OpenCLIPOptions(model_name=name), (3, 224, 224), 7)
+    assert model.head.weight.shape[0] == 7 and model.head.weight.is_meta
+    assert all(p.is_meta for p in model.parameters())
