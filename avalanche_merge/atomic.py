@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the target folder, then ``os.replace`` (never a half-written file)."""
+"""Atomic file writes (a temporary file in the target folder, then ``os.replace``: never a half-written file), and
+the check that a folder can receive them."""
 
 from __future__ import annotations
 
@@ -22,3 +23,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an output folder, or None: a file is in the way, or the folder (or the
+    nearest existing parent it would be created in) cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot be written ({probe} is not writable)"
+    return None

@@ -52,14 +52,11 @@ def _finish(results: list[dict], rows: list[dict], out: Path, t0: float, *, plan
 
 def _check_out(out: str) -> None:
     """Refuse an ``--out`` that is a file or cannot be written, before any work."""
-    import os
+    from .atomic import folder_problem
 
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out: {path} exists and is not a folder")
-    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out: {probe} is not writable")
+    problem = folder_problem(out)
+    if problem:
+        raise ConfigError(f"--out: {out} {problem}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -118,8 +115,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         config = PretrainConfig(epochs=args.epochs)
     except ValueError as exc:
         raise ConfigError(f"--epochs: {exc}") from None
-    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        raise ConfigError(f"--cache-dir: {args.cache_dir} exists and is not a folder")
+    from .atomic import folder_problem
+
+    problem = folder_problem(args.cache_dir) if args.cache_dir is not None else None
+    if problem:
+        raise ConfigError(f"--cache-dir: {args.cache_dir} {problem}")
     _, meta = pretrained_tiny_vit(config, cache_dir=args.cache_dir)
     print(f"checkpoint: {meta['path']} (clean training accuracy {100 * meta['train_acc_clean']:.1f}%)")
     return 0

@@ -115,6 +115,12 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (the message lists them)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and lies in the given interval."""

@@ -78,10 +78,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..config import check_range
+from ..config import check_choice, check_range
 from ..protocol import PerTaskHead
 from .adapters import activate, add_adapter, lifted_b_parametrizations
-from .config import LoRAConfig, check_choice
+from .config import LoRAConfig
 from .learner import ContinualLoRA
 from .registry import register_learner
 

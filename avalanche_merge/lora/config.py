@@ -15,12 +15,6 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise unless ``value`` is one of ``choices`` (the message lists them)."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
 def check_threshold(name: str, value: float) -> None:
     """Raise unless ``value`` is an energy threshold in (0, 1]."""
     check_range(name, value, 0.0, 1.0, low_open=True)

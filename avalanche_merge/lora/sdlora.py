@@ -65,9 +65,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..config import check_range
+from ..config import check_choice, check_range
 from .adapters import lifted_b_parametrizations
-from .config import LoRAConfig, check_choice
+from .config import LoRAConfig
 from .learner import ContinualLoRA
 from .registry import register_learner
 

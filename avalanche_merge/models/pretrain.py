@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, folder_problem
 from ..benchmarks.data import PARTITION_SEED, PRETRAIN_PER_CLASS, mnist_pretrain_pool
 from .vit import TinyViT, TinyViTConfig
 
@@ -205,11 +205,9 @@ def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 def check_cache_dir(cache_dir: str | Path | None) -> Path:
     """The cache folder, refused when it is a file or (when it must be created or written) not writable."""
     path = Path(cache_dir or default_cache_dir()).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"cache_dir {path} exists and is not a folder")
-    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"cache_dir {path} cannot be written (the pretrained checkpoint is stored there)")
+    problem = folder_problem(path)
+    if problem:
+        raise ValueError(f"cache_dir {path} {problem} (the pretrained checkpoint is stored there)")
     return path
 
 

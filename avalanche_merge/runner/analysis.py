@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..analysis.cka import POOLS
-from ..config import check_range
+from ..config import check_choice, check_range
 
 
 @dataclass
@@ -60,10 +60,8 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         from ..analysis.step_store import DTYPES, STORAGES
 
-        if self.geometry_storage not in STORAGES:
-            raise ValueError(f"geometry_storage must be one of {list(STORAGES)}, got {self.geometry_storage!r}")
-        if self.geometry_dtype not in DTYPES:
-            raise ValueError(f"geometry_dtype must be one of {list(DTYPES)}, got {self.geometry_dtype!r}")
+        check_choice("geometry_storage", self.geometry_storage, STORAGES)
+        check_choice("geometry_dtype", self.geometry_dtype, DTYPES)
         if self.geometry_include is not None:
             import re
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..config import check_range
+from ..config import check_choice, check_range
 
 EXHAUSTED_POLICIES = ("warn", "error", "ignore")
 
@@ -39,8 +39,7 @@ class CapacityExhaustedError(RuntimeError):
 
 def check_capacity_options(on_exhausted: str, min_fraction: float) -> None:
     """Raise ``ValueError`` unless ``on_exhausted`` is a known policy and ``min_fraction`` is in [0, 1]."""
-    if on_exhausted not in EXHAUSTED_POLICIES:
-        raise ValueError(f"on_exhausted must be one of {list(EXHAUSTED_POLICIES)}, got {on_exhausted!r}")
+    check_choice("on_exhausted", on_exhausted, EXHAUSTED_POLICIES)
     check_range("min_fraction", min_fraction, 0.0, 1.0)
 
 

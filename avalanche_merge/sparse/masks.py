@@ -187,6 +187,14 @@ def mask_overlap(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
     return inter / union if union else 0.0
 
 
+def applied_fraction(masks: Mapping[str, torch.Tensor], grad_masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of the active entries (``masks``) whose gradient is applied (also in ``grad_masks``); 0 when none
+    is active. SparCL's dynamic gradient masking keeps it near ``1 - gradient_sparsity``."""
+    active = sum(int(m.sum()) for m in masks.values())
+    applied = sum(int((m & grad_masks[n]).sum()) for n, m in masks.items())
+    return applied / active if active else 0.0
+
+
 def density_of(masks: Mapping[str, torch.Tensor]) -> float:
     """Fraction of ``True`` entries over all masks."""
     total = sum(m.numel() for m in masks.values())

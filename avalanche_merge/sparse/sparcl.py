@@ -44,7 +44,7 @@ from ..config import check_range
 from .ddr import check_removal_schedule
 from .guard import MaskedUpdate
 from .learner import SparseConfig, SparseLearner
-from .masks import pick_among
+from .masks import applied_fraction, pick_among
 from .registry import register_sparse_learner
 
 
@@ -262,6 +262,4 @@ class SparCL(SparseLearner):
 
     def gradient_fraction(self) -> float:
         """Fraction of the active weights whose gradient is currently applied."""
-        active = sum(int(m.sum()) for m in self.masks.values())
-        applied = sum(int((m & self.grad_masks[n]).sum()) for n, m in self.masks.items())
-        return applied / active if active else 0.0
+        return applied_fraction(self.masks, self.grad_masks)

@@ -31,7 +31,7 @@ import torch
 
 from ..config import check_range
 from .learner import SparseConfig, SparseLearner
-from .masks import gradient_scores, pick_among, random_scores, select_masks
+from .masks import applied_fraction, gradient_scores, pick_among, random_scores, select_masks
 from .registry import register_sparse_learner
 
 PRUNE_CRITERIA = ("delta", "weight")
@@ -195,6 +195,4 @@ class SparCLUpdate(SparseLearner):
 
     def gradient_fraction(self) -> float:
         """Fraction of the active weights whose gradient is currently applied."""
-        active = sum(int(m.sum()) for m in self.masks.values())
-        applied = sum(int((m & self.grad_masks[n]).sum()) for n, m in self.masks.items())
-        return applied / active if active else 0.0
+        return applied_fraction(self.masks, self.grad_masks)
