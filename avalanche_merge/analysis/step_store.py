@@ -17,7 +17,7 @@ The geometry functions iterate tensor by tensor, so a report streams through the
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,16 +25,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_choice
 from ..merging.task_vector import TaskVector
 
 STORAGES = ("memory", "disk")
 DTYPES = ("float32", "float16")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 class _Lazy(Mapping):
@@ -69,13 +64,13 @@ class StepStore:
     """
 
     def __init__(self, *, storage: str = "memory", dtype: str = "float32", folder: str | Path | None = None) -> None:
-        self.storage = _check_choice("storage", storage, STORAGES)
-        self.dtype = _check_choice("dtype", dtype, DTYPES)
+        check_choice("storage", storage, STORAGES)
+        check_choice("dtype", dtype, DTYPES)
+        self.storage, self.dtype = storage, dtype
         self._parent = folder
         self._dir: Path | None = None
         self._steps: list[dict[str, torch.Tensor] | Path] = []
-        self._scales: list[dict[str, float]] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._scales: list[dict[str, float]] = []  # per step, per tensor (float16 only; empty for float32)
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -87,11 +82,10 @@ class StepStore:
             t = t.detach().to("cpu", torch.float32)
             if self.dtype == "float16":
                 peak = float(t.abs().max()) if t.numel() else 0.0
-                scale = peak if peak > 0 and torch.isfinite(torch.tensor(peak)) else 1.0
-                packed[name], scales[name] = (t / scale).to(torch.float16).contiguous(), scale
+                scales[name] = peak if 0 < peak < float("inf") else 1.0
+                packed[name] = (t / scales[name]).to(torch.float16).contiguous()
             else:
-                packed[name], scales[name] = t.clone().contiguous(), 1.0
-            self.shapes.setdefault(name, tuple(t.shape))
+                packed[name] = t.clone().contiguous()
         if self.storage == "disk":
             from safetensors.torch import save_file
 
@@ -136,13 +130,10 @@ class StepStore:
 
     def close(self) -> None:
         """Delete the disk folder (if any) and forget the steps."""
-        if self._dir is not None and self._dir.exists():
+        if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir, self._steps, self._scales = None, [], []
 
     def __del__(self) -> None:  # a run that dies mid-stream leaves no folder behind
-        try:
-            if self._dir is not None and os.path.isdir(self._dir):
-                shutil.rmtree(self._dir, ignore_errors=True)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()

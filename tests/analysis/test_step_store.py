@@ -104,3 +104,48 @@ def test_zero_step_is_stored_without_dividing_by_zero():
     store = StepStore(dtype="float16")
     store.append({"w": torch.zeros(4)})
     assert torch.equal(store.tensor(0, "w"), torch.zeros(4)) and not math.isnan(float(store.tensor(0, "w").sum()))
+
+
+def test_steps_of_any_float_dtype_are_kept_in_float32_or_float16():
+    step = {"w": torch.tensor([0.1, -0.25, 0.3], dtype=torch.float64)}
+    exact, half = StepStore(), StepStore(dtype="float16")
+    exact.append(step)
+    half.append(step)
+    assert exact.nbytes_in_memory() == 3 * 4 and half.nbytes_in_memory() == 3 * 2  # never float64
+    assert exact.tensor(0, "w").dtype == half.tensor(0, "w").dtype == torch.float32
+    torch.testing.assert_close(exact.tensor(0, "w"), step["w"].float())
+
+
+def test_empty_tensors_are_stored():
+    store = StepStore(dtype="float16")
+    store.append({"w": torch.zeros(0, 3)})
+    assert store.tensor(0, "w").shape == (0, 3)
+
+
+def test_disk_steps_live_in_a_geometry_folder_under_the_given_one_and_go_with_the_store(tmp_path):
+    store = StepStore(storage="disk", folder=tmp_path)
+    store.append({"w": torch.ones(2)})
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("geometry-") and [p.name for p in folder.iterdir()] == ["step0000.safetensors"]
+    del store  # a run that dies without close() leaves nothing behind
+    import gc
+
+    gc.collect()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_non_finite_step_keeps_its_finite_entries_exactly_in_float16():
+    store = StepStore(dtype="float16")
+    store.append({"w": torch.tensor([float("inf"), 3e-7, -0.5])})  # a diverged step: scale 1, not inf or 2
+    expected = torch.tensor([float("inf"), 3e-7, -0.5]).to(torch.float16).float()
+    assert torch.equal(store.tensor(0, "w"), expected)
+
+
+def test_close_tolerates_a_folder_removed_by_someone_else(tmp_path):
+    import shutil
+
+    store = StepStore(storage="disk", folder=tmp_path)
+    store.append({"w": torch.ones(2)})
+    shutil.rmtree(next(tmp_path.iterdir()))
+    store.close()
+    assert len(store) == 0
