@@ -36,11 +36,7 @@ def check_density(density: float) -> None:
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of ``scores`` (ties in ``torch.topk``'s order)."""
-    flat = scores.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask.view_as(scores)
+    return _topk_flat(scores.flatten(), k, True).view_as(scores)
 
 
 def select_masks(scores: Mapping[str, torch.Tensor], density: float, *, scope: str = "tensor",
@@ -100,8 +96,9 @@ def pick_among(scores: Mapping[str, torch.Tensor], allowed: Mapping[str, torch.T
     Returns:
         ``{name: bool mask}``; ties are broken by ``torch.topk`` (deterministic on CPU).
     """
-    fill = -float("inf") if largest else float("inf")
-    masked = {n: torch.nan_to_num(s.float(), nan=-fill).masked_fill(~allowed[n], fill) for n, s in scores.items()}
+    fill = -float("inf") if largest else float("inf")  # never picked before an allowed entry
+    worst = torch.finfo(torch.float32).min if largest else torch.finfo(torch.float32).max  # NaN: after real scores
+    masked = {n: torch.nan_to_num(s.float(), nan=worst).masked_fill(~allowed[n], fill) for n, s in scores.items()}
     if isinstance(counts, Mapping):
         out = {}
         for n, s in masked.items():

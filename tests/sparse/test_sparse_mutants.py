@@ -449,3 +449,25 @@ def test_task_capacity_totals_defaults_and_record():
     assert d["granted_density"] == pytest.approx(3 / 8) and d["fraction"] == pytest.approx(3 / 4)
     with pytest.raises(ValueError, match=r"^owned names tensors without a mask: \['z'\]"):
         task_capacity(0, 0.5, masks, owned={"z": torch.zeros(2, dtype=torch.bool)})
+
+
+def test_pick_among_smallest_with_nan_scores_per_tensor_and_over_tensors():
+    """``largest=False`` (sparcl_update's pruning) with NaN scores, exact picks; global counts across three tensors
+    whose offsets matter, and a count of one."""
+    from avalanche_merge.sparse.masks import pick_among
+
+    scores = {"a": torch.tensor([[0.3, float("nan")], [-0.7, 0.1]]), "b": torch.tensor([0.25, -0.2, 0.9]),
+              "c": torch.tensor([-0.05, 0.6])}
+    allowed = {"a": torch.tensor([[True, True], [True, False]]), "b": torch.tensor([True, True, False]),
+               "c": torch.tensor([True, True])}
+    per = pick_among(scores, allowed, {"a": 2, "b": 1, "c": 1}, largest=False)
+    assert per["a"].tolist() == [[True, False], [True, False]]  # -0.7 and 0.3; NaN is the least preferred
+    assert per["b"].tolist() == [False, True, False] and per["c"].tolist() == [True, False]
+    glob = pick_among(scores, allowed, 3, largest=False)  # over all: -0.7 (a), -0.2 (b), -0.05 (c)
+    assert glob["a"].tolist() == [[False, False], [True, False]]
+    assert glob["b"].tolist() == [False, True, False] and glob["c"].tolist() == [True, False]
+    top1 = pick_among(scores, allowed, 1)  # largest allowed over all: 0.6 in c (0.9 in b is not allowed)
+    assert [int(m.sum()) for m in top1.values()] == [0, 0, 1] and top1["c"].tolist() == [False, True]
+    nan_only = pick_among({"a": torch.tensor([float("nan"), 0.5])}, {"a": torch.tensor([True, True])}, 1,
+                          largest=False)
+    assert nan_only["a"].tolist() == [False, True]
