@@ -1,4 +1,5 @@
-"""The ``avalanche-merge`` command: ``list``, ``run CONFIG``, ``bench``, ``pretrain`` and ``report RESULTS_DIR``."""
+"""The ``avalanche-merge`` command: ``list``, ``describe METHOD``, ``run CONFIG``, ``bench``, ``pretrain`` and
+``report RESULTS_DIR``."""
 
 from __future__ import annotations
 
@@ -33,7 +34,46 @@ def _cmd_list(args: argparse.Namespace) -> int:
         tags = [spec.kind, spec.family, f"protocol: {protocol}"] + ([f"base: {spec.base}"] if spec.base else [])
         tags += [] if spec.in_bench else ["not in bench"]
         print(f"  {name:<16} [{', '.join(tags)}] {spec.description}")
+        if getattr(args, "verbose", False):
+            from .options_doc import format_options
+
+            print(format_options(spec.config_cls, indent=" " * 20))
     return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from .options_doc import format_options
+    from .strategies import METHODS
+    from .strategies.registry import TrainConfig
+
+    try:
+        spec = METHODS.get(args.method)
+    except ValueError as exc:  # an unknown name: the message lists the valid ones
+        print(f"avalanche-merge: {exc}", file=sys.stderr)
+        return 2
+    protocol = spec.protocol + ("+prototypes" if spec.prototypes else "")
+    print(f"{spec.name}: {spec.description}")
+    print(f"  family: {spec.family}; kind: {spec.kind}" + (f" (inside {spec.base})" if spec.base else "")
+          + f"; head protocol: {protocol}; scenarios: {', '.join(spec.scenarios)}"
+          + ("" if spec.in_bench else "; not in bench"))
+    if spec.protocols:
+        print(f"  protocols a config may choose: {', '.join(spec.protocols)}")
+    print(f"options ({spec.config_cls.__name__}; a config's \"methods\": [{{\"name\": \"{spec.name}\", "
+          "\"options\": {...}}]):")
+    print(format_options(spec.config_cls))
+    if args.train:
+        print("shared train settings (a config's \"train\"):")
+        print(format_options(TrainConfig))
+    return 0
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    from .analysis.plots import check_formats
+
+    try:
+        return check_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _finish(results: list[dict], rows: list[dict], out: Path, t0: float, *, planned: int | None = None) -> int:
@@ -76,7 +116,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for p in plans:
             print(f"  {p.run_id}")
         return 0
-    results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
+    results, rows = run_experiment(config, args.out, progress=not args.quiet, keep_going=args.keep_going,
+                                   plots=args.format)
     return _finish(results, rows, Path(args.out), t0, planned=_planned(config))
 
 
@@ -133,7 +174,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"avalanche-merge: no such results folder: {results_dir}", file=sys.stderr)
         return 2
     try:
-        info = generate_report(results_dir, args.out, progress=not args.quiet)
+        info = generate_report(results_dir, args.out, progress=not args.quiet, formats=args.format)
     except FileNotFoundError as exc:
         print(f"avalanche-merge: {exc}", file=sys.stderr)
         return 2
@@ -145,12 +186,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avalanche-merge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list benchmarks, backbones and methods").set_defaults(func=_cmd_list)
+    lst = sub.add_parser("list", help="list benchmarks, backbones and methods")
+    lst.add_argument("--verbose", "-v", action="store_true", help="also list each method's options and defaults")
+    lst.set_defaults(func=_cmd_list)
+    desc = sub.add_parser("describe", help="a method's family, protocol, options (type, default, range, help)")
+    desc.add_argument("method", help="registered method name (see `avalanche-merge list`)")
+    desc.add_argument("--train", action="store_true", help="also list the shared train settings")
+    desc.set_defaults(func=_cmd_describe)
+    fmt_help = "figure formats, comma-separated: png, pdf, svg (default: png)"
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default="results", help="results folder (default: results/)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--keep-going", action="store_true", help="record failing runs and continue")
+        p.add_argument("--format", type=_formats, default=("png",), help=fmt_help)
 
     run = sub.add_parser("run", help="run an experiment config (JSON)")
     run.add_argument("config", help="path of the experiment JSON")
@@ -175,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("results_dir", help="results folder of an experiment (with runs/<run_id>/result.json)")
     rep.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/report)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--format", type=_formats, default=("png",), help=fmt_help)
     rep.set_defaults(func=_cmd_report)
     return parser
 

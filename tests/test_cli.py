@@ -42,3 +42,32 @@ def test_bench_suite_covers_every_bench_method_and_three_seeds():
     assert config.seeds == [0, 1, 2]
     required = {"naive", "joint", "cumulative", "ewc", "lwf", "replay", "si", "slda"}
     assert required <= {m.name for m in config.methods}
+
+
+def test_describe_shows_protocol_options_defaults_and_ranges(capsys):
+    assert main(["describe", "inflora", "--train"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("inflora:") and "head protocol:" in out and "family: lora" in out
+    assert "threshold" in out and "= 0.95" in out and "in (0, 1]" in out  # option, default, range
+    assert "shared train settings" in out and "learning rate, > 0." in out
+
+
+def test_describe_unknown_method_lists_the_valid_ones(capsys):
+    assert main(["describe", "infloraa"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'infloraa'" in err and "inflora" in err
+
+
+def test_list_verbose_shows_every_methods_options(capsys):
+    assert main(["list", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "density" in out and "head_mode" in out and "= 0.95" in out
+
+
+def test_bad_figure_format_is_refused_before_any_work(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path), "--format", "png,jpg"])
+    assert exc.value.code == 2
+    assert "png, pdf, svg" in capsys.readouterr().err

@@ -67,11 +67,11 @@ def group_norms(norms, names: list[str], *, max_rows: int = 30) -> tuple[np.ndar
 
 
 def _save(plt, fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from .plots import save_figure
+
+    written = save_figure(fig, path)  # PNG, or the formats of an enclosing ``figure_formats`` block
     plt.close(fig)
-    return path
+    return written[0]
 
 
 def _exp_ticks(ax, n: int, axis: str = "x") -> None:

@@ -1,8 +1,13 @@
-"""PNG plots of stored runs: accuracy-matrix heatmaps and accuracy over experiences (matplotlib, Agg)."""
+"""Plots of stored runs: accuracy-matrix heatmaps and accuracy over experiences (matplotlib, Agg).
+
+Every plot function takes ``formats`` (any of ``png``, ``pdf``, ``svg``; :data:`FORMATS`) and writes one file per
+format next to ``path`` (PNG at :data:`PNG_DPI` dpi; PDF and SVG are vector).
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,51 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy_matrix(matrix, path: Path, *, title: str = "", experience_names: list[str] | None = None) -> Path:
+FORMATS = ("png", "pdf", "svg")
+PNG_DPI = 200
+_default_formats: list[tuple[str, ...]] = [("png",)]
+
+
+@contextmanager
+def figure_formats(formats):
+    """Within the block, plots saved without explicit ``formats`` are written in ``formats`` (``report`` uses it)."""
+    _default_formats.append(check_formats(formats))
+    try:
+        yield _default_formats[-1]
+    finally:
+        _default_formats.pop()
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    """Validate figure formats: a non-empty sequence (or comma-separated string) of ``png``, ``pdf``, ``svg``."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",")]
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if not formats or bad:
+        raise ValueError(f"figure formats must be a non-empty list of {', '.join(FORMATS)}; got {list(formats)}")
+    return formats
+
+
+def save_figure(fig, path: Path, formats=None) -> list[Path]:
+    """Save ``fig`` as ``path`` with each suffix of ``formats`` (default: those of :func:`figure_formats`, else
+    PNG); returns the written files, the one with ``path``'s own suffix first when it is among them."""
+    path = Path(path)
+    formats = check_formats(formats if formats is not None else _default_formats[-1])
+    own = path.suffix.lstrip(".")
+    formats = (own, *[f for f in formats if f != own]) if own in formats else formats
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=PNG_DPI, bbox_inches="tight",
+                    metadata={"Date": None} if fmt == "svg" else ({"CreationDate": None} if fmt == "pdf" else None))
+        written.append(target)
+    return written
+
+
+def plot_accuracy_matrix(matrix, path: Path, *, title: str = "", experience_names: list[str] | None = None,
+                         formats=None) -> Path:
     """Heatmap of ``R[i][j]`` (rows: after training experience i; columns: test experience j), in %."""
     plt = _pyplot()
     m = 100 * np.asarray(matrix, dtype=float)
@@ -38,10 +87,9 @@ def plot_accuracy_matrix(matrix, path: Path, *, title: str = "", experience_name
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    written = save_figure(fig, path, formats)
     plt.close(fig)
-    return path
+    return written[0]
 
 
 def _line_styles(n: int) -> list[tuple]:
@@ -53,7 +101,7 @@ def _line_styles(n: int) -> list[tuple]:
     return [(colors[i % 10], dashes[(i // 10) % 4], markers[(i // 10) % 4]) for i in range(n)]
 
 
-def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") -> Path:
+def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "", formats=None) -> Path:
     """Mean accuracy on the experiences seen so far, and on all experiences, after each training experience.
 
     One line per method (mean over seeds, shaded +- std). Methods trained once (Joint) are drawn as a
@@ -97,20 +145,26 @@ def plot_accuracy_curves(results: list[dict], path: Path, *, title: str = "") ->
                frameon=False)  # outside the axes: it never hides a curve
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    written = save_figure(fig, path, formats)
     plt.close(fig)
-    return path
+    return written[0]
 
 
-def plot_runs(results: list[dict], out_dir: Path) -> list[Path]:
-    """All plots for a set of runs: a heatmap per (benchmark, method) and curves per benchmark."""
+def plot_runs(results: list[dict], out_dir: Path, *, formats=None) -> list[Path]:
+    """All plots for a set of runs: a heatmap per (benchmark, method) and curves per benchmark.
+
+    The curves are small multiples, one row per method family with the reference baselines on every row
+    (:func:`~avalanche_merge.analysis.family_plots.plot_family_curves`).
+    """
+    from .family_plots import plot_family_curves
+
+    formats = check_formats(formats if formats is not None else _default_formats[-1])
     written = []
     by_bench: OrderedDict[str, list[dict]] = OrderedDict()
     for r in results:
         by_bench.setdefault(r["benchmark"], []).append(r)
     for bench, runs in by_bench.items():
-        written.append(plot_accuracy_curves(runs, out_dir / f"{bench}_accuracy_curves.png", title=bench))
+        written += plot_family_curves(runs, out_dir / f"{bench}_accuracy_curves.png", title=bench, formats=formats)
         labels = list(OrderedDict.fromkeys(r["label"] for r in runs))
         for label in labels:
             mats = [np.asarray(r["accuracy_matrix"], dtype=float) for r in runs if r["label"] == label]
@@ -119,5 +173,5 @@ def plot_runs(results: list[dict], out_dir: Path) -> list[Path]:
             names = list(all_names.pop()) if len(all_names) == 1 else None  # class orders differ across seeds
             written.append(plot_accuracy_matrix(mean, out_dir / f"{bench}_{label}_matrix.png",
                                                 title=f"{bench} / {label} (mean of {len(mats)} seeds)",
-                                                experience_names=names))
+                                                experience_names=names, formats=formats))
     return written

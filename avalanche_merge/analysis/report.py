@@ -65,7 +65,6 @@ FINDINGS: tuple[tuple[str, str], ...] = (
     ("mean_step_cosine", "forgetting"), ("sign_conflict_rate", "forgetting"), ("mean_angle", "forgetting"),
     ("cumulative_norm", "forgetting"), ("cka_pretrained", "forgetting"), ("cka_pretrained", "retention"),
     ("cumulative_norm", "retention_change"))
-CURVES_PER_PLOT = 9
 VS_FORGETTING = ("mean_step_cosine", "sign_conflict_rate", "mean_angle", "cumulative_norm", "cka_pretrained")
 
 
@@ -238,7 +237,8 @@ def _common(arrays: list) -> list:
 def _plot_jobs(results: list[dict], rows: list[dict], plots: Path) -> list[tuple[str, str, Path, partial]]:
     """``(benchmark, caption, path, call)`` for every plot the report draws."""
     from . import analysis_plots as ap
-    from .plots import plot_accuracy_curves, plot_accuracy_matrix
+    from .family_plots import plot_family_curves
+    from .plots import plot_accuracy_matrix
 
     jobs: list = []
     curves: set[str] = set()
@@ -249,16 +249,10 @@ def _plot_jobs(results: list[dict], rows: list[dict], plots: Path) -> list[tuple
 
     for (bench, label), runs in _groups(results).items():
         tag = f"{bench} / {label}"
-        if bench not in curves:  # at most CURVES_PER_PLOT methods a plot, so that the legend stays readable
+        if bench not in curves:  # small multiples: one row per family, the reference baselines on every row
             curves.add(bench)
-            labels = list(OrderedDict.fromkeys(r["label"] for r in results if r["benchmark"] == bench))
-            parts = np.array_split(np.arange(len(labels)), math.ceil(len(labels) / CURVES_PER_PLOT))
-            for k, idx in enumerate(parts):
-                chunk = {labels[i] for i in idx}
-                part = "" if len(parts) == 1 else f" (methods {idx[0] + 1}-{idx[-1] + 1} of {len(labels)})"
-                add(bench, f"{bench}: accuracy curves{part}", "accuracy_curves" + (f"_{k + 1}" if part else ""),
-                    plot_accuracy_curves, [r for r in results if r["benchmark"] == bench and r["label"] in chunk],
-                    title=f"{bench}{part}")
+            add(bench, f"{bench}: accuracy curves by family", "accuracy_curves", plot_family_curves,
+                [r for r in results if r["benchmark"] == bench], title=bench)
         mats = _common([r["accuracy_matrix"] for r in runs])
         names = {tuple(r.get("experience_names") or ()) for r in runs}
         exp_names = list(names.pop()) if len(names) == 1 else None  # class orders differ across seeds
@@ -343,27 +337,33 @@ def _markdown(results_dir: Path, results: list[dict], rows: list[dict], plotted:
     return "\n".join(lines) + "\n"
 
 
-def generate_report(results_dir: str | Path, out_dir: str | Path | None = None, *, progress: bool = True) -> dict:
+def generate_report(results_dir: str | Path, out_dir: str | Path | None = None, *, progress: bool = True,
+                    formats=("png",)) -> dict:
     """Load the runs of ``results_dir``, draw the plots (tqdm progress bar when there are many) and write
     ``report.md`` and ``report.csv`` under ``out_dir`` (default ``results_dir/report``). Returns ``{"report",
     "csv", "plots", "runs", "rows"}`` (paths, the written plot paths, the number of runs, the rows). Raises
     ``FileNotFoundError`` when ``results_dir`` has no runs; a plot that fails on its data is skipped with a
-    warning."""
+    warning. ``formats``: figure formats (``png``, ``pdf``, ``svg``); the report links the first one."""
     from tqdm.auto import tqdm
 
+    from .plots import check_formats, figure_formats
+
+    formats = check_formats(formats)
     results_dir = Path(results_dir)
     results = load_results(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
     rows = report_rows(results)
     jobs = _plot_jobs(results, rows, out / "plots")
     plotted = []
-    for bench, caption, path, call in tqdm(jobs, desc="plots", unit="plot", disable=not progress or len(jobs) < 10):
-        try:
-            call()
-        except ValueError as exc:
-            _warn(f"plot {path.name} skipped: {exc}")
-            continue
-        plotted.append((bench, caption, path))
+    with figure_formats(formats):
+        for bench, caption, path, call in tqdm(jobs, desc="plots", unit="plot",
+                                               disable=not progress or len(jobs) < 10):
+            try:
+                written = call()
+            except ValueError as exc:
+                _warn(f"plot {path.name} skipped: {exc}")
+                continue
+            plotted.append((bench, caption, path.with_suffix(f".{formats[0]}") if written else path))
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "report.csv"
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:

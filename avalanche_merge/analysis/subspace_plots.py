@@ -42,10 +42,11 @@ def _heatmap(m: np.ndarray, names: list[str], path: Path | str, *, title: str, x
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=bar)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from .plots import save_figure
+
+    written = save_figure(fig, path)  # PNG, or the formats of an enclosing ``figure_formats`` block
     plt.close(fig)
-    return path
+    return written[0]
 
 
 def plot_overlap_matrix(matrix, path: Path | str, *, labels: Sequence[str] | None = None,

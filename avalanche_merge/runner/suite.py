@@ -74,7 +74,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
             cover every complete run stored in the folder (as ``avalanche-merge report`` does), so experiments
             that share a folder never overwrite each other's rows.
         progress: show a progress bar over runs.
-        plots: write PNG plots.
+        plots: write plots: ``True`` (PNG), ``False``, or a sequence of formats (``png``, ``pdf``, ``svg``).
         keep_going: on a failing run, record the error and continue instead of stopping.
 
     Returns:
@@ -126,7 +126,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
     return results, rows
 
 
-def _write_folder_summary(out: Path, plots: bool) -> None:
+def _write_folder_summary(out: Path, plots) -> None:
     """Summary and plots of every complete run stored in ``out``, rebuilt under the folder's lock."""
     with folder_lock(out / ".summary.lock"):
         remove_temp_files(out)
@@ -139,7 +139,7 @@ def _write_folder_summary(out: Path, plots: bool) -> None:
 
             if (out / "plots").is_dir():
                 remove_temp_files(out / "plots")
-            plot_runs(split_labels(everything), out / "plots")
+            plot_runs(split_labels(everything), out / "plots", formats=None if plots is True else plots)
 
 
 def print_table(rows: list[dict]) -> None:

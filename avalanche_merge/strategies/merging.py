@@ -24,6 +24,7 @@ from typing import Any
 from avalanche.training.templates import SupervisedTemplate
 
 from ..merging import make_merger
+from ..options_doc import docstring_items
 from ..plugins.merge import HEAD_MODES, STARTS, MergePlugin
 from .registry import BuildContext, register_method
 
@@ -68,8 +69,14 @@ def _config_cls(method: str, merger: str, start: str, options: dict[str, Any]) -
     fields += [(k, type(v), field(default=v)) for k, v in options.items()]
     cls = make_dataclass(f"{method.title().replace('_', '')}Config", fields,
                          namespace={"__post_init__": post_init, "merger_options": merger_options})
-    cls.__doc__ = (f"Options of the {method!r} method: ``start`` ({', '.join(STARTS)}), ``head_mode`` "
-                   f"({', '.join(HEAD_MODES)}) and the {merger!r} merger's options {sorted(options)}.")
+    merger_cls = type(make_merger(merger, **options))
+    helps = {**docstring_items(merger_cls), **docstring_items(merger_cls.__init__)}
+    lines = [f"Options of the {method!r} method: where fine-tuning starts, the head mode and the {merger!r} merger's "
+             "options.", "", "Args:",
+             f"    start: where each experience's fine-tuning starts: {', '.join(repr(s) for s in STARTS)}.",
+             f"    head_mode: how the classifier is merged: {', '.join(repr(h) for h in HEAD_MODES)}."]
+    lines += [f"    {k}: {helps.get(k) or f'option of the {merger!r} merger.'}" for k in options]
+    cls.__doc__ = "\n".join(lines)
     return cls
 
 

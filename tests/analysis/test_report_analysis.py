@@ -157,7 +157,7 @@ def test_write_report_writes_tables_csv_and_plots(results_dir):
     for link in links:
         assert (out / link).stat().st_size > 0
     img = imread(out / "plots" / "toy_accumulation_retention.png")
-    assert img.shape[:2] == (600, 780)  # 6.5 x 5 inches at 120 dpi
+    assert 800 <= img.shape[0] <= 1000 and 1000 <= img.shape[1] <= 1300  # 6.5 x 5 in at 200 dpi, tight box
     img = imread(out / "plots" / "toy_naive_cosine.png")
     assert img.shape[1] > img.shape[0]  # square heatmap plus colour bar
 
