@@ -300,4 +300,8 @@ def zero_shot_classifier(
     scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
     classifier = ZeroShotClassifier(model.visual, head, logit_scale=scale, class_names=names)
     classifier.preprocess = preprocess
+    # where the text tower comes from, for methods that re-encode class names (``zeroshot``); not a module or
+    # buffer, so the state dict is unchanged
+    classifier.clip_source = {"model_name": model_name, "pretrained": pretrained, "model_cfg": model_cfg,
+                              "device": device}
     return classifier
