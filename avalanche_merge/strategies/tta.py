@@ -83,7 +83,12 @@ def _text_head(model: nn.Module, class_names: list[str], templates: tuple[str, .
     if source is None:
         raise ValueError(f"zeroshot needs an open_clip backbone (a text tower); {type(model).__name__} has none "
                          f"(for the offline tiny_vit use 'pretrained_head')")
-    clip, _, tokenizer = load_open_clip(**source)
+    source = dict(source)
+    init_seed = source.pop("init_seed", None)
+    with torch.random.fork_rng(devices=[]):
+        if source["pretrained"] is None and init_seed is not None:  # random weights: the same draw as the backbone
+            torch.manual_seed(init_seed)
+        clip, _, tokenizer = load_open_clip(**source)
     clip.visual = nn.Identity()  # only the text tower is used
 
     def rows(classes: list[int]) -> torch.Tensor:

@@ -77,8 +77,8 @@ def attach_parallel_adapters(model: nn.Module, *, bottleneck: int, scale: float 
             if not (isinstance(norm, nn.LayerNorm) and isinstance(out, nn.Module)):
                 continue
             dim = norm.normalized_shape[-1]
-            block.adaptmlp = ParallelAdapter(dim, bottleneck, scale=scale, dropout=dropout).to(
-                next(norm.parameters()).device)
+            adapter = ParallelAdapter(dim, bottleneck, scale=scale, dropout=dropout)
+            block.adaptmlp = adapter.to(next(norm.parameters()).device).train(block.training)
             handles.extend(_hook(block, norm, out))
             break
     if not handles:
