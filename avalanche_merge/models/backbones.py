@@ -32,17 +32,19 @@ class BackboneSpec:
     description: str
     offline: bool = True
     skeleton: Callable[[Any, tuple[int, int, int], int], nn.Module] | None = None
+    text_tower: bool = False
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
 def register_backbone(name: str, *, config_cls: type, description: str, offline: bool = True,
-                      skeleton: Callable | None = None) -> Callable:
-    """Decorator registering a backbone builder (``skeleton``: see :class:`BackboneSpec`)."""
+                      skeleton: Callable | None = None, text_tower: bool = False) -> Callable:
+    """Decorator registering a backbone builder (``skeleton``: see :class:`BackboneSpec`; ``text_tower``: the
+    built model can encode class names, e.g. open_clip's, which methods such as ``zeroshot`` need)."""
 
     def decorator(build: Callable) -> Callable:
-        BACKBONES.add(name, BackboneSpec(name, build, config_cls, description, offline, skeleton))
+        BACKBONES.add(name, BackboneSpec(name, build, config_cls, description, offline, skeleton, text_tower))
         return build
 
     return decorator
@@ -192,6 +194,7 @@ def open_clip_skeleton(options: OpenCLIPOptions, input_shape: tuple[int, int, in
 
 
 @register_backbone("open_clip", config_cls=OpenCLIPOptions, offline=False, skeleton=open_clip_skeleton,
+                   text_tower=True,
                    description="open_clip image tower with a zero-shot head from class names (local weights)")
 def build_open_clip(options: OpenCLIPOptions, benchmark, seed: int) -> nn.Module:
     from .clip import DEFAULT_TEMPLATES, zero_shot_classifier

@@ -248,6 +248,7 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
                                                  classes_repeat=bspec.scenario == "domain_incremental")
                 run_model_options = head_for_protocol(protocol, config.model.name, model_options, bspec)
                 check_schedule(spec.name, moptions, n_exp, bentry.name)
+                check_text_tower(spec.name, moptions, config.model.name, model_spec)
                 if callable(getattr(moptions, "check_protocol", None)):  # options that need a given protocol
                     moptions.check_protocol(protocol)
                 if callable(getattr(moptions, "check_epochs", None)):  # schedules that need enough epochs
@@ -282,6 +283,15 @@ def check_schedule(method: str, options: Any, n_experiences: int | None, benchma
         raise ValueError(f"total_tasks={total} is smaller than the {n_experiences} experiences of {benchmark!r}: "
                          f"the threshold schedule of {method!r} would end before the stream does (omit it to "
                          f"take it from the stream)")
+
+
+def check_text_tower(method: str, options: Any, model: str, model_spec: Any) -> None:
+    """Refuse a method that encodes class names (options with ``needs_text_tower``) on a backbone without a text
+    tower (``BackboneSpec.text_tower``)."""
+    if getattr(options, "needs_text_tower", False) and not getattr(model_spec, "text_tower", False):
+        raise ValueError(f"method {method!r} builds its head from a text tower, but backbone {model!r} has none; use "
+                         f"model 'open_clip' (or, on a backbone with a head pretrained on the label space, the "
+                         f"method 'pretrained_head')")
 
 
 def head_for_protocol(protocol: str, model: str, options: Any, bspec: Any) -> Any:

@@ -16,6 +16,7 @@ from . import (
     routed,  # noqa: F401 - registers CoLoR and Proteus
     sparse,  # noqa: F401 - registers the sparse fine-tuning methods
     sparse_memory,  # noqa: F401 - registers sparse memory fine-tuning
+    tta,  # noqa: F401 - registers zeroshot, pretrained_head, TENT and TTACIL
 )
 from .lora import LoRAStrategy
 from .merging import ContinualMerging
