@@ -279,7 +279,7 @@ def _strategy(cls, model, plugins, **kwargs):
 
     return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=8, train_epochs=1,
                eval_mb_size=24, criterion=torch.nn.CrossEntropyLoss(), evaluator=None,
-               plugins=[*plugins, RoutedPlugin(model)], **kwargs)
+               plugins=[*plugins, RoutedPlugin(model=model)], **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["replay", "cumulative"])
