@@ -23,6 +23,8 @@ model): ``save_state`` refuses a strategy with plugins outside :data:`STATELESS_
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import random
 from pathlib import Path
@@ -33,8 +35,9 @@ import torch
 
 from ..merging.task_vector import TaskVector
 
-#: Avalanche plugins with nothing to save (or whose state is rebuilt every experience)
-STATELESS_PLUGINS = ("EvaluationPlugin", "SupervisedPlugin", "HeadProtocolPlugin", "EarlyStoppingPlugin")
+#: plugins with nothing to save (``Clock``: saved as the clock; ``PeriodicEval``: configuration only)
+STATELESS_PLUGINS = ("EvaluationPlugin", "SupervisedPlugin", "HeadProtocolPlugin", "EarlyStoppingPlugin", "PeriodicEval",
+                     "Clock")
 CLOCK_FIELDS = ("train_iterations", "train_exp_counter", "train_exp_epochs", "train_exp_iterations",
                 "train_epoch_iterations", "total_iterations")
 
@@ -68,6 +71,10 @@ class TreeWriter:
             return {kind: [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
         if isinstance(value, dict):
             return {"__dict__": [[self.encode(k, where), self.encode(v, f"{where}[{k!r}]")] for k, v in value.items()]}
+        if dataclasses.is_dataclass(value) and type(value).__module__.startswith("avalanche_merge."):
+            cls = type(value)
+            return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
+                    "fields": self.encode({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where)}
         raise TypeError(f"save_state cannot save {where} of type {type(value).__name__}")
 
 
@@ -91,6 +98,17 @@ def decode(value: Any, tensors: dict[str, torch.Tensor], device: torch.device | 
         return tuple(decode(v, tensors, device) for v in value["__tuple__"])
     if "__dict__" in value:
         return {decode(k, tensors, device): decode(v, tensors, device) for k, v in value["__dict__"]}
+    if "__dataclass__" in value:  # only this package's dataclasses are rebuilt (never an arbitrary import)
+        module, _, name = value["__dataclass__"].partition(":")
+        if not module.startswith("avalanche_merge."):
+            raise ValueError(f"refusing to rebuild {value['__dataclass__']!r}: not an avalanche_merge dataclass")
+        cls = getattr(importlib.import_module(module), name)
+        if not dataclasses.is_dataclass(cls):
+            raise ValueError(f"{value['__dataclass__']!r} is not a dataclass")
+        obj = object.__new__(cls)
+        for k, v in decode(value["fields"], tensors, device).items():
+            object.__setattr__(obj, k, v)
+        return obj
     raise ValueError(f"unreadable state entry with keys {sorted(value)[:3]}")
 
 
