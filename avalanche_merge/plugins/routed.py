@@ -18,8 +18,9 @@ a strategy that mixes earlier experiences' samples into training (Avalanche's ``
 replay buffer, ``Cumulative``, ``GDumb``, AGEM's and GEM's gradient constraints) would send them to a head without
 their class; regularisers of earlier weights or outputs (EWC, SI, MAS, LwF) would be silent no-ops (earlier tasks'
 parameters are frozen; the current head produces no earlier-class outputs). Both are refused with a clear error
-before training (``before_training``, :mod:`~avalanche_merge.plugins.compat`), and any mini-batch holding a class outside the current experience's is
-refused before its forward pass (issue 14: it used to train silently on placeholder logits).
+before training (``before_training``, :mod:`~avalanche_merge.plugins.compat`), and any mini-batch holding a class
+outside the current experience's is refused before its forward pass (issue 14: it used to train silently on
+placeholder logits).
 
 The plugin exposes the model as ``.router`` (the :class:`~avalanche_merge.retrieval.router.Router` interface).
 """
@@ -160,7 +161,8 @@ class RoutedPlugin(SupervisedPlugin):
                              f"'color' / 'proteus' strategies")
         regularising = regularising_components(strategy)
         if regularising:
-            raise ValueError(f"retrieval-routed methods (CoLoR, Proteus) do not combine with {', '.join(regularising)}: "
+            raise ValueError(f"retrieval-routed methods (CoLoR, Proteus) do not combine with "
+                             f"{', '.join(regularising)}: "
                              f"every task trains a new adapter and head while earlier ones are frozen, so a penalty "
                              f"on earlier weights (EWC, SI, MAS) constrains nothing, and distillation (LwF) targets "
                              f"output columns the current task's head does not produce; they would run as silent "

@@ -36,14 +36,15 @@ import torch
 from ..merging.task_vector import TaskVector
 
 #: plugins with nothing to save (``Clock``: saved as the clock; ``PeriodicEval``: configuration only)
-STATELESS_PLUGINS = ("EvaluationPlugin", "SupervisedPlugin", "HeadProtocolPlugin", "EarlyStoppingPlugin", "PeriodicEval",
-                     "Clock")
+STATELESS_PLUGINS = ("EvaluationPlugin", "SupervisedPlugin", "HeadProtocolPlugin", "EarlyStoppingPlugin",
+                     "PeriodicEval", "Clock")
 CLOCK_FIELDS = ("train_iterations", "train_exp_counter", "train_exp_epochs", "train_exp_iterations",
                 "train_epoch_iterations", "total_iterations")
 
 
 class TreeWriter:
-    """Encodes nested plain data (tensors, TaskVectors, generators, dicts, lists, numbers, strings) as JSON + tensors."""
+    """Encodes nested plain data (tensors, TaskVectors, generators, dataclasses, dicts, lists, numbers) as JSON and
+    tensors."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
