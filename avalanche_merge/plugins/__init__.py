@@ -1,8 +1,27 @@
-"""Thin Avalanche plugins over the cores: merging (:class:`MergePlugin`), continual LoRA (:class:`LoRAPlugin`),
-head protocols (:class:`HeadProtocolPlugin`)."""
+"""Every family of the package as an Avalanche plugin, for any ``SupervisedTemplate`` strategy and any model.
+
+- :class:`MergePlugin`: continual model merging (OPCM, continual TA/TIES/average, MagMax, TSV-M, Iso-CTS, ...);
+- :class:`LoRAPlugin`: continual LoRA learners (O-LoRA, InfLoRA, SD-LoRA, CL-LoRA, GPM, plain LoRA);
+- :class:`SparsePlugin`: sparse fine-tuning and dynamic sparse training learners;
+- :class:`SparCLPlugin`: SparCL (task-aware dynamic masks, gradient masks, data removal) on a rehearsal strategy;
+- :class:`SparseMemoryPlugin`: sparse memory fine-tuning (a product-key memory, TF-IDF-selected rows);
+- :class:`RoutedPlugin`: retrieval-routed per-task LoRA (CoLoR, Proteus), wrapping the user's model;
+- :class:`HeadProtocolPlugin`: head protocols (masked, per-task heads, frozen zero-shot heads);
+- :func:`save_state` / :func:`load_state`: save and resume a strategy's continual state (safetensors + JSON).
+
+Nearest class mean and RanPAC fit closed-form classifiers on frozen features with no optimizer and no backward,
+so they are strategies, not plugins (:class:`~avalanche_merge.strategies.prototypes.FrozenFeatureClassifier`).
+Names and options are the CLI's (``avalanche-merge list``); options are validated at construction.
+"""
 
 from .lora import LoRAPlugin
 from .merge import MergePlugin
 from .protocol import HeadProtocolPlugin
+from .routed import RoutedPlugin
+from .sparcl import SparCLPlugin
+from .sparse import SparsePlugin
+from .sparse_memory import SparseMemoryOptions, SparseMemoryPlugin
+from .state import load_state, save_state
 
-__all__ = ["HeadProtocolPlugin", "LoRAPlugin", "MergePlugin"]
+__all__ = ["HeadProtocolPlugin", "LoRAPlugin", "MergePlugin", "RoutedPlugin", "SparCLPlugin", "SparseMemoryOptions",
+           "SparseMemoryPlugin", "SparsePlugin", "load_state", "save_state"]

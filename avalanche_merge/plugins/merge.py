@@ -18,8 +18,11 @@ Classification heads are kept out of the task vectors unless ``head_mode="merge"
 - ``"last"``: the head stays as the last experience trained it (per-task ``MultiHeadClassifier`` heads: each
   task's head is only ever trained on its task);
 - ``"merge"``: the head is merged like every other weight (domain-incremental: one shared label space);
-- ``"auto"``: ``"last"`` for multi-head models, ``"class_rows"`` when an experience covers fewer classes than the
-  head has outputs, else ``"merge"``.
+- ``"auto"``: ``"last"`` for multi-head models, ``"class_rows"`` for a growing head (Avalanche's
+  ``IncrementalClassifier``, even when the first experience fills its initial outputs) or when an experience covers
+  fewer classes than the head has outputs, else ``"merge"``. The mode is fixed at the first experience; a merged
+  parameter that changes shape later (a head that grows under ``"merge"``) raises a ``ValueError`` naming the
+  parameter, the head and the mode before the experience trains.
 Other plugins of the strategy that run after this one (e.g. EWC's, appended by ``EWC`` itself) see the merged
 weights in ``after_training_exp``.
 """
@@ -30,9 +33,11 @@ from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.models import DynamicModule
 
 from ..merging import OPCM, ContinualMerger, TaskVector, linear_weight_names, make_merger
 from ..merging.heads import ClassRows, find_head, head_keys
+from ..merging.registry import DEFAULT_STARTS, resolve_merger_name
 
 STARTS = ("pretrained", "merged", "previous")
 HEAD_MODES = ("auto", "class_rows", "last", "merge")
@@ -42,9 +47,15 @@ class MergePlugin(SupervisedPlugin):
     """Merge each experience's task vector into a running merged model.
 
     Args:
-        merger: a :class:`~avalanche_merge.merging.ContinualMerger` or a name for ``make_merger``.
-        merger_options: options of a named merger (e.g. ``{"alpha": 0.5}``).
-        start: where the next experience starts: ``"pretrained"``, ``"merged"`` or ``"previous"``.
+        merger: a :class:`~avalanche_merge.merging.ContinualMerger` or a name for ``make_merger``: a CLI merging
+            method (``opcm``, ``continual_ta``, ``continual_ties``, ``continual_avg``, ``magmax``, ``tsv_merge``,
+            ``iso_cts_merge``: the same merger, defaults and start as ``avalanche-merge bench --methods``), a
+            continual merger (``continual_task_arithmetic``, ``magmax_running``, ...) or an offline merge (``ties``,
+            ``dare``, ...; ``avalanche_merge.merging.list_mergers()``).
+        merger_options: options of a named merger (e.g. ``{"alpha": 0.5}``); an unknown one raises a
+            ``ValueError`` listing the valid options.
+        start: where the next experience starts: ``"pretrained"``, ``"merged"`` or ``"previous"``; default: the
+            method's own (``"previous"`` for MagMax, else ``"pretrained"``).
         head: module name of the classification head, or ``"auto"`` (see ``merging.heads.find_head``).
         head_mode: ``"auto"``, ``"class_rows"``, ``"last"`` or ``"merge"`` (see module docstring).
 
@@ -54,20 +65,22 @@ class MergePlugin(SupervisedPlugin):
     """
 
     def __init__(self, *, merger: ContinualMerger | str = "opcm", merger_options: dict | None = None,
-                 start: str = "pretrained", head: str = "auto", head_mode: str = "auto") -> None:
+                 start: str | None = None, head: str = "auto", head_mode: str = "auto") -> None:
         super().__init__()
-        if start not in STARTS:
+        if start is not None and start not in STARTS:
             raise ValueError(f"start must be one of {list(STARTS)}, got {start!r}")
         if head_mode not in HEAD_MODES:
             raise ValueError(f"head_mode must be one of {list(HEAD_MODES)}, got {head_mode!r}")
+        default_start = "pretrained"
         if isinstance(merger, str):
+            default_start = DEFAULT_STARTS.get(resolve_merger_name(merger), "pretrained")
             merger = make_merger(merger, **(merger_options or {}))
         elif merger_options:
             raise ValueError("merger_options only applies when merger is given by name")
         if not isinstance(merger, ContinualMerger):
             raise TypeError(f"merger must be a ContinualMerger or a name, got {type(merger).__name__}")
         self.merger = merger
-        self.start = start
+        self.start = start if start is not None else default_start
         self.head = head
         self.head_mode = head_mode
         self.pretrained: dict[str, torch.Tensor] | None = None
@@ -78,15 +91,32 @@ class MergePlugin(SupervisedPlugin):
 
     # helpers -----------------------------------------------------------------------------------------------------
     def _resolve_mode(self, model: torch.nn.Module, classes: list[int]) -> str:
-        if self.head_mode != "auto":
-            return self.head_mode
+        """The head mode of this run, fixed at the first experience (a growing head is recognised there)."""
         head = model.get_submodule(self._head_name)
+        grows = isinstance(head, DynamicModule) and not hasattr(head, "classifiers")
+        if self.head_mode != "auto":
+            if self.head_mode == "merge" and grows:
+                raise ValueError(f"head_mode='merge' cannot merge the growing head {self._head_name!r} "
+                                 f"({type(head).__name__}): its task vectors change shape when it grows; use "
+                                 f"head_mode='class_rows' (or 'auto')")
+            return self.head_mode
         if hasattr(head, "classifiers"):  # Avalanche MultiHeadClassifier
             return "last"
+        if grows:  # Avalanche IncrementalClassifier: one output row per class seen, added as classes arrive
+            return "class_rows"
         layer = head if isinstance(head, torch.nn.Linear) else getattr(head, "classifier", None)
         if isinstance(layer, torch.nn.Linear) and len(set(classes)) < layer.out_features:
             return "class_rows"
         return "merge"
+
+    def _check_shapes(self, state: dict[str, torch.Tensor]) -> None:
+        changed = [k for k in self.pretrained if tuple(state[k].shape) != tuple(self.pretrained[k].shape)]
+        if changed:
+            raise ValueError(f"MergePlugin (head {self._head_name!r}, head_mode resolved to {self._mode!r}): "
+                             f"parameter {changed[0]!r} changed shape from {tuple(self.pretrained[changed[0]].shape)} "
+                             f"to {tuple(state[changed[0]].shape)} since the first experience, so task vectors "
+                             f"cannot be formed; a growing head needs head_mode='class_rows', per-task heads "
+                             f"head_mode='last', or name the head with head=")
 
     def _merged_keys(self, state: dict[str, torch.Tensor]) -> list[str]:
         floats = [k for k, v in state.items() if v.is_floating_point()]
@@ -113,6 +143,7 @@ class MergePlugin(SupervisedPlugin):
             if isinstance(self.merger, OPCM) and self.merger.linear is None:
                 self.merger.linear = [k for k in linear_weight_names(model) if k in self.pretrained]
             return
+        self._check_shapes(model.state_dict())
         if self.start == "pretrained":
             self._write(model, self.pretrained)
         elif self.start == "previous":
@@ -121,6 +152,7 @@ class MergePlugin(SupervisedPlugin):
     def after_training_exp(self, strategy: Any, *args, **kwargs) -> None:
         model = strategy.model
         state = model.state_dict()
+        self._check_shapes(state)
         finetuned = {k: state[k] for k in self.pretrained}
         if self.start == "previous":
             self.previous = {k: v.detach().clone() for k, v in finetuned.items()}
@@ -130,3 +162,22 @@ class MergePlugin(SupervisedPlugin):
             head = model.get_submodule(self._head_name)
             self.class_rows.store(head, strategy.experience.classes_in_this_experience)
             self.class_rows.restore(head)
+
+    # save / resume (plugins.state) ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The plugin's continual state: pretrained and previous weights, class rows, head mode, merger state."""
+        merger = {k: v for k, v in vars(self.merger).items() if not callable(v)}
+        return {"pretrained": self.pretrained, "previous": self.previous, "rows": dict(self.class_rows.rows),
+                "head_name": self._head_name, "mode": self._mode, "start": self.start,
+                "merger_type": type(self.merger).__name__, "merger": merger}
+
+    def load_state_dict(self, state: dict, strategy: Any = None) -> None:
+        """Restore :meth:`state_dict` (into a plugin built with the same merger and options)."""
+        if state["merger_type"] != type(self.merger).__name__ or state["start"] != self.start:
+            raise ValueError(f"the saved MergePlugin used a {state['merger_type']} merger starting from "
+                             f"{state['start']!r}; this one a {type(self.merger).__name__} from {self.start!r}")
+        for k, v in state["merger"].items():
+            setattr(self.merger, k, v)
+        self.pretrained, self.previous = state["pretrained"], state["previous"]
+        self.class_rows.rows = {int(c): tuple(r) for c, r in state["rows"].items()}
+        self._head_name, self._mode = state["head_name"], state["mode"]

@@ -46,8 +46,8 @@ class SparCLPlugin(SparsePlugin):
         passes: per finished experience, the number of correctness passes made.
     """
 
-    def __init__(self, *, options: dict | None = None) -> None:
-        super().__init__(method="sparcl", options=options)
+    def __init__(self, *, options: dict | None = None, reset_optimizer_state: bool = False) -> None:
+        super().__init__(method="sparcl", options=options, reset_optimizer_state=reset_optimizer_state)
         self.config: SparCLConfig
         self.removal: DataRemoval | None = None
         self.kept_fractions: list[float] = []
@@ -56,10 +56,20 @@ class SparCLPlugin(SparsePlugin):
         self._epoch = 0
         self._passes = 0
 
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_training(strategy, **kwargs)
+        loaders = [f"plugin {type(p).__name__}" for p in strategy.plugins
+                   if hasattr(p, "storage_policy") or type(p).__name__ in ("ReplayPlugin", "GDumbPlugin")]
+        if loaders and self.config.removal_fraction > 0:
+            raise ValueError(f"SparCLPlugin's data removal rebuilds the training loader after each removal stage, "
+                             f"which drops the replay loader of {', '.join(loaders)} (it would silently stop "
+                             f"replaying); use Avalanche's DER strategy (SparCL's published base, as the registered "
+                             f"'sparcl' does) or set removal_fraction=0")
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         cfg = self.config
         cfg.check_epochs(strategy.train_epochs)
-        restrict_optimizer(strategy, self.learner.begin_task(), cfg.lr)
+        restrict_optimizer(strategy, self.learner.begin_task(), cfg.lr, reset_state=self.reset_optimizer_state)
         self._full = strategy.adapted_dataset
         self.removal = DataRemoval(
             len(self._full),
@@ -114,3 +124,11 @@ class SparCLPlugin(SparsePlugin):
             model.train(was_training)
         self._passes += 1
         return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+
+    def state_dict(self) -> dict:
+        """The learner's state (:meth:`SparsePlugin.state_dict`) and the finished experiences' removal records."""
+        return {**super().state_dict(), "kept_fractions": list(self.kept_fractions), "passes": list(self.passes)}
+
+    def load_state_dict(self, state: dict, strategy: Any) -> None:
+        super().load_state_dict({"learner": state["learner"]}, strategy)
+        self.kept_fractions, self.passes = list(state["kept_fractions"]), list(state["passes"])

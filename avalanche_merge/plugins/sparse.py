@@ -55,13 +55,18 @@ class SparsePlugin(SupervisedPlugin):
 
     Args:
         method: a registered sparse learner (``avalanche_merge.sparse.list_sparse_learners()``).
-        options: the learner's config fields (validated now).
+        options: the learner's config fields (validated now; an unknown field raises a ``ValueError`` listing the
+            valid ones).
+        reset_optimizer_state: clear the optimizer state every experience; by default the parameters that stay in
+            the optimizer keep theirs (masked weights are restored after each step, so momentum cannot move them).
     """
 
-    def __init__(self, *, method: str = "masked", options: dict | None = None) -> None:
+    def __init__(self, *, method: str = "masked", options: dict | None = None,
+                 reset_optimizer_state: bool = False) -> None:
         super().__init__()
         self.method = method
         self.config = make_sparse_config(method, **(options or {}))
+        self.reset_optimizer_state = reset_optimizer_state
         self.learner: SparseLearner | None = None
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
@@ -77,7 +82,8 @@ class SparsePlugin(SupervisedPlugin):
                 self.learner.set_stream_length(n)
         self.learner.set_task_steps(task_steps(strategy))
         batches = experience_batches(strategy, self.config.max_samples, self.config.seed)
-        restrict_optimizer(strategy, self.learner.begin_task(batches), self.config.lr)
+        restrict_optimizer(strategy, self.learner.begin_task(batches), self.config.lr,
+                           reset_state=self.reset_optimizer_state)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         self.learner.after_backward()
@@ -94,3 +100,20 @@ class SparsePlugin(SupervisedPlugin):
     def method_info(self) -> dict:
         """JSON-ready per-task capacity records (:meth:`SparseLearner.capacity_record`; empty before training)."""
         return {"capacity": [] if self.learner is None else self.learner.capacity_record()}
+
+    #: learner attributes rebuilt from the model and config (not saved)
+    REBUILT = ("model", "config", "params", "guard", "head_name")
+
+    def state_dict(self) -> dict:
+        """The learner's continual state (masks, ownership, counters, capacity records, generators)."""
+        if self.learner is None:
+            return {"learner": None}
+        return {"learner": {k: v for k, v in vars(self.learner).items() if k not in self.REBUILT}}
+
+    def load_state_dict(self, state: dict, strategy: Any) -> None:
+        """Build the learner on ``strategy.model`` and restore :meth:`state_dict` into it."""
+        if state["learner"] is None:
+            return
+        self.before_training(strategy)
+        for k, v in state["learner"].items():
+            setattr(self.learner, k, v)

@@ -142,18 +142,33 @@ class SparseMemoryOptions:
 class SparseMemoryPlugin(SupervisedPlugin):
     """Train only TF-IDF-selected memory value rows (and the head) inside any ``SupervisedTemplate``.
 
+    The plugin replaces the strategy's optimizer by the configured one (``options.optimizer``, ``lr``, ...) over
+    the memory values and head, at every experience: the user's optimizer and its parameter groups are not used.
+
     Args:
-        options: a :class:`SparseMemoryOptions`; ``kwargs`` build one when ``None``.
+        options: a :class:`SparseMemoryOptions` or a dict of its fields; ``kwargs`` are more fields (an unknown
+            field raises a ``ValueError`` listing the valid ones).
         pretrain_inputs: inputs of the model's pretraining data (needed when ``options.background`` is
             ``"pretrain"`` or ``"both"``); the first ``background_samples`` form the background.
         document_size: inputs per background document when ``options.background_batch_size`` is None (the
             registered builder passes the training batch size; default: the strategy's ``train_mb_size``).
     """
 
-    def __init__(self, options: SparseMemoryOptions | None = None, *, pretrain_inputs: torch.Tensor | None = None,
-                 document_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, options: SparseMemoryOptions | dict | None = None,
+                 pretrain_inputs: torch.Tensor | None = None, document_size: int | None = None, **kwargs: Any) -> None:
         super().__init__()
-        self.options = options if options is not None else SparseMemoryOptions(**kwargs)
+        if isinstance(options, SparseMemoryOptions):
+            if kwargs:
+                raise ValueError(f"give the options either as a SparseMemoryOptions or as keywords, not both "
+                                 f"(got {sorted(kwargs)})")
+        else:
+            kwargs = {**(options or {}), **kwargs}
+            valid = sorted(f.name for f in fields(SparseMemoryOptions))
+            unknown = sorted(set(kwargs) - set(valid))
+            if unknown:
+                raise ValueError(f"unknown option {unknown[0]!r} for sparse_memory; valid: {valid}")
+            options = SparseMemoryOptions(**kwargs)
+        self.options = options
         if self.options.uses_pretrain and pretrain_inputs is None:
             raise ValueError(f"background={self.options.background!r} needs pretrain_inputs (the pretraining data)")
         self.pretrain_inputs = pretrain_inputs

@@ -34,7 +34,7 @@ every adapter inactive (the pretrained model). Router ``"oracle"`` (ablations) u
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,13 @@ from .signatures import COVARIANCE_TYPES, METHODS, REDUCTIONS, SignatureConfig, 
 ROUTERS = ("signatures", "oracle")
 HEAD_TYPES = ("linear", "lda")
 FILL = -1e9
+
+
+def _output_linear(head: nn.Module) -> nn.Linear | None:
+    """The output ``nn.Linear`` of a head: the module itself or its ``classifier`` (Avalanche's
+    ``IncrementalClassifier``); None otherwise."""
+    layer = head if isinstance(head, nn.Linear) else getattr(head, "classifier", None)
+    return layer if isinstance(layer, nn.Linear) else None
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -142,24 +149,49 @@ class RoutedLoRA(nn.Module):
     (fits the LDA head if any and the task signature). ``route(x)`` implements the :class:`Router` interface.
 
     Args:
-        backbone: a model with ``features(x) -> [B, d]`` (modified in place: peft injects the adapters; its
-            parameters are frozen).
+        backbone: the model (modified in place: peft injects the adapters; its parameters are frozen).
         config: a :class:`RoutedLoRAConfig`.
         num_classes: width of the output (default: the backbone head's ``out_features``).
+        feature_fn: inputs -> ``[B, d]`` features for the task heads and signatures. Default: the backbone's own
+            ``features(x)`` when it also has ``feature_dim`` (the package's models), else the input of its head
+            (found like :func:`~avalanche_merge.merging.heads.find_head`) during ``backbone(x)``.
+        feature_dim: ``d``; default: ``backbone.feature_dim``, else the head's ``in_features``, else inferred by
+            :meth:`infer_feature_dim` from a few inputs.
+
+    Raises:
+        TypeError: ``feature_fn`` is not callable, or ``config`` is not a :class:`RoutedLoRAConfig`.
+        ValueError: no number of classes can be read off the head and ``num_classes`` is not given.
     """
 
     def __init__(self, backbone: nn.Module, *, config: RoutedLoRAConfig | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 feature_dim: int | None = None) -> None:
         super().__init__()
-        if not hasattr(backbone, "features"):
-            raise TypeError(f"{type(backbone).__name__} has no features(x) method")
         self.config = config if config is not None else CoLoRConfig()
         if not isinstance(self.config, RoutedLoRAConfig):
             raise TypeError(f"config must be a RoutedLoRAConfig, got {type(self.config).__name__}")
+        if feature_fn is not None and not callable(feature_fn):
+            raise TypeError(f"feature_fn must be callable (inputs -> [B, d] features), got {type(feature_fn).__name__}")
         self.backbone = backbone
         head_name = find_head(backbone, self.config.head)
+        self.head_name = head_name
+        head_layer = _output_linear(backbone.get_submodule(head_name))
+        own = callable(getattr(backbone, "features", None)) and hasattr(backbone, "feature_dim")
+        self.feature_fn = feature_fn
+        self._own_features = own and feature_fn is None  # the backbone's features(x) / feature_dim (our models)
+        if feature_dim is None:
+            if own and feature_fn is None:
+                feature_dim = int(backbone.feature_dim)
+            elif feature_fn is None and head_layer is not None:
+                feature_dim = int(head_layer.in_features)
+        if feature_dim is not None:
+            check_positive_int("feature_dim", feature_dim)
+        self.feature_dim = feature_dim  # None: inferred from the first inputs (infer_feature_dim)
         if num_classes is None:
-            num_classes = int(backbone.get_submodule(head_name).out_features)
+            if head_layer is None:
+                raise ValueError(f"the head {head_name!r} ({type(backbone.get_submodule(head_name)).__name__}) has "
+                                 f"no nn.Linear output layer to read the number of classes from; pass num_classes")
+            num_classes = int(head_layer.out_features)
         check_positive_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.targets = resolve_targets(backbone, self.config.target_modules, exclude=[head_name])
@@ -173,6 +205,37 @@ class RoutedLoRA(nn.Module):
         self.oracle_task: int | None = None  # task used by router "oracle" when forward gets no task_ids
         self.last_routed: torch.Tensor | None = None
         self._gate_of: dict[str, torch.Tensor] = {}  # earlier adapter name -> gate of the task being run
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """``feature_fn(x)``, else the input of the backbone's head during ``backbone(x)`` (any model with a head)."""
+        if self.feature_fn is not None:
+            return self.feature_fn(x)
+        if self._own_features:
+            return self.backbone.features(x)
+        seen: list[torch.Tensor] = []
+        handle = self.backbone.get_submodule(self.head_name).register_forward_pre_hook(
+            lambda module, args: seen.append(args[0]))
+        try:
+            self.backbone(x)
+        finally:
+            handle.remove()
+        if not seen:
+            raise RuntimeError(f"the backbone's forward never called its head {self.head_name!r}; pass feature_fn")
+        return seen[0].flatten(1)
+
+    @torch.no_grad()
+    def infer_feature_dim(self, x: torch.Tensor) -> int:
+        """Set :attr:`feature_dim` from the features of a few inputs ``x`` (when it could not be read off the head)."""
+        if self.feature_dim is None:
+            was = self.training
+            self.eval()
+            try:
+                if self.adapters:
+                    self._set_active([], {})
+                self.feature_dim = int(self._features(x).shape[1])
+            finally:
+                self.train(was)
+        return self.feature_dim
 
     @property
     def num_tasks(self) -> int:
@@ -197,9 +260,12 @@ class RoutedLoRA(nn.Module):
         add_adapter(self.backbone, name, self.config, self.targets)
         for layer in lora_layers(self.backbone).values():
             layer.lora_B[name].register_forward_hook(self._gate_hook(name))
+        if self.feature_dim is None:
+            raise ValueError("the feature dimension is unknown: pass feature_dim, or call infer_feature_dim(inputs) "
+                             "before the first task (RoutedPlugin does)")
         device = self._device()
         self.adapters.append(name)
-        self.heads.append(nn.Linear(self.backbone.feature_dim, len(classes)).to(device))
+        self.heads.append(nn.Linear(self.feature_dim, len(classes)).to(device))
         n_gates = t if self.config.transfer else 0
         self.gates.append(nn.Parameter(torch.zeros(n_gates, device=device)))
         self.task_classes.append(classes.to(device))
@@ -266,7 +332,7 @@ class RoutedLoRA(nn.Module):
         """Pretrained embedding: ``backbone.features(x)`` with every adapter inactive, without gradients."""
         self._set_active([], {})
         with torch.no_grad():
-            return self.backbone.features(x)
+            return self._features(x)
 
     def _task_features(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Features of ``x`` with task ``t``'s module: its adapter, plus gated earlier adapters if transfer."""
@@ -274,7 +340,7 @@ class RoutedLoRA(nn.Module):
         earlier = self.adapters[:gates.numel()]
         self._set_active([*earlier, self.adapters[t]], {a: gates[i] for i, a in enumerate(earlier)})
         try:
-            return self.backbone.features(x)
+            return self._features(x)
         finally:
             self._set_active([], {})
 

@@ -31,12 +31,12 @@ class LoRAStrategy(SupervisedTemplate):
 
     def __init__(self, *, model, optimizer, method: str = "olora", method_options: dict | None = None,
                  plugins=None, **kwargs) -> None:
-        self.lora_plugin = LoRAPlugin(method=method, options=method_options)
+        self.lora_plugin = LoRAPlugin(method=method, options=method_options, reset_optimizer_state=True)
         super().__init__(model=model, optimizer=optimizer, plugins=[*(plugins or []), self.lora_plugin], **kwargs)
 
     def make_optimizer(self, **kwargs: Any) -> None:
         """Keep only the trainable parameters in the optimizer (Avalanche's version adds frozen ones)."""
-        restrict_optimizer(self, [p for p in self.model.parameters() if p.requires_grad])
+        restrict_optimizer(self, [p for p in self.model.parameters() if p.requires_grad], reset_state=True)
 
 
 # The head protocol of each learner's paper (avalanche_merge.protocol; docs/fidelity.md has the sources):

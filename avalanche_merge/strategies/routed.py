@@ -29,7 +29,7 @@ class RoutedStrategy(SupervisedTemplate):
     """
 
     def __init__(self, *, model: RoutedLoRA, optimizer, plugins=None, **kwargs) -> None:
-        self.routed_plugin = RoutedPlugin(model)
+        self.routed_plugin = RoutedPlugin(model=model, reset_optimizer_state=True)
         super().__init__(model=model, optimizer=optimizer, plugins=[*(plugins or []), self.routed_plugin], **kwargs)
 
     @property
@@ -38,7 +38,7 @@ class RoutedStrategy(SupervisedTemplate):
 
     def make_optimizer(self, **kwargs: Any) -> None:
         """Keep only the trainable parameters in the optimizer (Avalanche's version adds frozen ones)."""
-        restrict_optimizer(self, [p for p in self.model.parameters() if p.requires_grad])
+        restrict_optimizer(self, [p for p in self.model.parameters() if p.requires_grad], reset_state=True)
 
 
 def _build(ctx: BuildContext, cfg: RoutedLoRAConfig) -> RoutedStrategy:

@@ -49,7 +49,7 @@ def register_sparse_method(method: str, learner: str, description: str, **defaul
         from avalanche.training import Naive
 
         options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        plugin = SparsePlugin(method=learner, options=options)
+        plugin = SparsePlugin(method=learner, options=options, reset_optimizer_state=True)
         return Naive(model=ctx.model, optimizer=ctx.optimizer(), **ctx.strategy_kwargs([plugin]))
 
     if method not in METHODS.names():
@@ -105,7 +105,7 @@ def _build_sparcl(ctx: BuildContext, cfg: SparCLMethodConfig):
 
     base = {f.name for f in dataclasses.fields(DERConfig)}
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in base}
-    plugin = SparCLPlugin(options=options)
+    plugin = SparCLPlugin(options=options, reset_optimizer_state=True)
     return DERPP(model=ctx.model, optimizer=ctx.optimizer(), **cfg.base_config().strategy_options(),
                  **ctx.strategy_kwargs([plugin]))
 

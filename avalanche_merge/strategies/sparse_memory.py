@@ -23,7 +23,7 @@ from .registry import BuildContext, register_method
                  description="sparse memory fine-tuning: TF-IDF top-t rows of a product-key memory (Lin et al. 2025)")
 def build_sparse_memory(ctx: BuildContext, cfg: SparseMemoryOptions) -> Naive:
     pretrain = pretrain_background_inputs(ctx.benchmark.input_shape) if cfg.uses_pretrain else None
-    plugin = SparseMemoryPlugin(cfg, pretrain_inputs=pretrain, document_size=ctx.train.batch_size)
+    plugin = SparseMemoryPlugin(options=cfg, pretrain_inputs=pretrain, document_size=ctx.train.batch_size)
     finetuner = plugin.setup(ctx.model)
     optimizer = finetuner.make_optimizer()
     return Naive(model=ctx.model, optimizer=optimizer, **ctx.strategy_kwargs([plugin]))

@@ -206,7 +206,7 @@ def test_update_checks_its_input(name):
 
 
 @pytest.mark.parametrize("merger", [ContinualAverage(), OPCM(), MagMax(scaling=1.0),
-                                    ContinualTaskArithmetic(scaling=1.0), make_merger("magmax")])
+                                    ContinualTaskArithmetic(scaling=1.0), make_merger("magmax", scaling=1.0)])
 def test_merging_one_task_vector_returns_it(merger):
     (tv,) = _tvs(1)
     _close(merger.update(tv), tv, atol=1e-7)
@@ -244,3 +244,25 @@ def test_updates_do_not_modify_inputs_or_earlier_results():
     for tv, b in zip(tvs, before):
         for k in SHAPES:
             assert torch.equal(tv[k], b[k])
+
+
+def test_cli_method_names_are_the_same_mergers_as_the_cli():
+    """One name, one meaning (issue 16): the CLI's merging method names build the CLI's merger at its defaults;
+    'magmax' is MagMax (running max magnitude, scaling 0.5), which equals the offline max-magnitude merge of every
+    task vector so far scaled by 0.5."""
+    from avalanche_merge.merging import magmax
+
+    assert isinstance(make_merger("continual_ta"), ContinualTaskArithmetic)
+    assert make_merger("continual_ta").scaling == 0.3
+    assert isinstance(make_merger("continual_avg"), ContinualAverage)
+    running = make_merger("magmax")
+    assert isinstance(running, MagMax) and running.scaling == 0.5
+    tvs = _tvs(3)
+    for t, tv in enumerate(tvs, start=1):
+        out = running.update(tv)
+        _close(out, magmax(tvs[:t]) * 0.5, atol=1e-6)
+
+
+def test_unknown_continual_merger_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'alhpa'.*valid options: \['alpha', 'linear', 'project'\]"):
+        make_merger("opcm", alhpa=0.3)

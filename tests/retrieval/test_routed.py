@@ -229,8 +229,8 @@ def test_config_validation():
         ProteusConfig(lambda_l1=-1.0)
     with pytest.raises(ValueError, match="signature_method"):
         CoLoRConfig(signature_method="knn")
-    with pytest.raises(TypeError):
-        RoutedLoRA(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="feature_fn must be callable"):  # no features(x) is needed any more
+        RoutedLoRA(torch.nn.Linear(3, 3), feature_fn=3)
 
 
 def test_routed_signature_defaults_are_lossless_and_options_validated():
@@ -279,7 +279,7 @@ def _strategy(cls, model, plugins, **kwargs):
 
     return cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=8, train_epochs=1,
                eval_mb_size=24, criterion=torch.nn.CrossEntropyLoss(), evaluator=None,
-               plugins=[*plugins, RoutedPlugin(model)], **kwargs)
+               plugins=[*plugins, RoutedPlugin(model=model)], **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["replay", "cumulative"])
