@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, from_dict
+from ..config import ConfigError, from_dict, substitute_variables
 from ..strategies.registry import TrainConfig
 from .analysis import AnalysisConfig, describe_analysis
 from .precision import check_precision, resolve_device
@@ -201,8 +201,12 @@ def _normalise(raw: dict) -> dict:
     return data
 
 
-def load_experiment(source: str | Path | dict) -> ExperimentConfig:
-    """Parse an experiment config from a JSON file path or a dict (strict keys and types)."""
+def load_experiment(source: str | Path | dict, variables: dict[str, str] | None = None) -> ExperimentConfig:
+    """Parse an experiment config from a JSON file path or a dict (strict keys and types).
+
+    ``${NAME}`` in string values is replaced from ``variables``, then the environment (see
+    :func:`~avalanche_merge.config.substitute_variables`); an unset one is a ``ConfigError``.
+    """
     if isinstance(source, dict):
         raw = source
     else:
@@ -215,7 +219,7 @@ def load_experiment(source: str | Path | dict) -> ExperimentConfig:
             raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    return from_dict(ExperimentConfig, _normalise(raw))
+    return from_dict(ExperimentConfig, _normalise(substitute_variables(raw, variables)))
 
 
 def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
