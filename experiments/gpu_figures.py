@@ -16,9 +16,9 @@ counter and reports ``torch.cuda.max_memory_allocated``; times are medians after
    strategy exactly as the runner builds it, in fp32 and bf16 (and fp16 on CUDA); images/s, peak memory, and the
    evaluation of ``--eval-images`` test images.
 
-``--tiny`` swaps in a small model and few steps so that the whole script runs end to end on a CPU in a minute
-(the figures then mean nothing; it checks the script). Results go to ``--out`` (default ``$OUT/gpu_figures.json``
-when ``$OUT`` is set, else ``experiments/results/gpu/gpu_figures.json``).
+``--tiny`` swaps in a small model and few steps so that the whole script runs end to end on a CPU (about 90 s on
+2 busy cores; the figures then mean nothing, it checks the script). Results go to ``--out`` (default
+``$OUT/gpu_figures.json`` when ``$OUT`` is set, else ``experiments/results/gpu/gpu_figures.json``).
 
 Run::
 
@@ -94,7 +94,8 @@ def merges(args, device: torch.device) -> dict:
            "copy_floor_gb_s": 2 * 4 * n_values * args.tasks / floor_s / 1e9, "merges": {}}
     for name in ("task_arithmetic", "average", "magmax", "ties"):
         reset_peak(device)
-        seconds, _ = timed(lambda fn=ours_merge(name): fn(tvs), device, args.repeats)
+        merge = ours_merge(name)
+        seconds, _ = timed(lambda merge=merge: merge(tvs), device, args.repeats)
         out["merges"][name] = {"s": seconds, "x_copy_floor": seconds / floor_s, "peak_mb": peak_mb(device)}
     g = torch.Generator(device=device).manual_seed(1)
     shapes = sorted({s for k, s in vit_b16_shapes(args.blocks).items() if ".encoder." in k and len(s) == 2})
@@ -118,7 +119,8 @@ def merges(args, device: torch.device) -> dict:
     opcm_step()
     out["opcm_update_s"] = statistics.median(opcm_step() for _ in range(args.repeats))
     out["opcm_update_peak_mb"] = peak_mb(device)
-    del tvs, buffers
+    tvs.clear()  # free the device memory before the next section
+    buffers.clear()
     return out
 
 
