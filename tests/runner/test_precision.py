@@ -13,6 +13,7 @@ from avalanche_merge.runner import load_experiment, plan_experiment, run_experim
 from avalanche_merge.runner import precision as precision_module
 from avalanche_merge.runner.plan import check_device
 from avalanche_merge.runner.precision import check_precision, enable_mixed_precision, resolve_device
+from avalanche_merge.runner.run import loader_kwargs
 
 
 def _fake_cuda(monkeypatch, count: int, bf16: bool = True) -> None:
@@ -96,6 +97,8 @@ def test_new_fields_at_defaults_keep_run_ids_and_bf16_changes_them(monkeypatch):
     assert {"precision", "num_workers", "pin_memory", "device"}.isdisjoint(base.describe())
     assert explicit.run_id == base.run_id  # loader settings and device never change what is computed
     assert explicit.device == "cpu" and explicit.num_workers == 2 and explicit.pin_memory is False
+    assert loader_kwargs(base) == {}  # defaults: Avalanche is called exactly as before
+    assert loader_kwargs(explicit) == {"num_workers": 2, "persistent_workers": True, "pin_memory": False}
     assert bf16.describe()["precision"] == "bf16"
     assert bf16.run_id != base.run_id
 
@@ -190,10 +193,24 @@ def test_fp16_scales_the_loss_and_unscales_before_the_plugins(monkeypatch):
 
 
 def test_bf16_run_trains_through_the_runner_and_records_its_precision(tmp_path, monkeypatch):
+    from avalanche.training.templates.base_sgd import BaseSGDTemplate
+
     _fake_cuda(monkeypatch, 0)
-    results, _ = run_experiment(load_experiment(tiny_experiment(["naive"], precision="bf16", device="auto")),
-                                tmp_path, progress=False, plots=False)
+    loaders = []
+    original = BaseSGDTemplate._obtain_common_dataloader_parameters
+
+    def spy(self, **kwargs):
+        out = original(self, **kwargs)
+        loaders.append(out)
+        return out
+
+    monkeypatch.setattr(BaseSGDTemplate, "_obtain_common_dataloader_parameters", spy)
+    config = tiny_experiment(["naive"], precision="bf16", device="auto", num_workers=1, pin_memory=False)
+    results, _ = run_experiment(load_experiment(config), tmp_path, progress=False, plots=False)
     (result,) = results
+    # training and evaluation loaders got the configured workers and pinning
+    assert loaders and all(d["num_workers"] == 1 and d["pin_memory"] is False for d in loaders)
+    assert any(d["batch_size"] == 16 for d in loaders) and any(d["batch_size"] == 128 for d in loaders)
     assert result["precision"] == "bf16" and result["config"]["precision"] == "bf16"
     assert result["peak_gpu_mb"] is None  # not on CUDA
     first = result["accuracy_matrix"][0][0]
