@@ -100,10 +100,11 @@ def _check_out(out: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import parse_assignments
     from .runner import load_experiment, run_experiment
 
     t0 = time.perf_counter()
-    config = load_experiment(args.config)
+    config = load_experiment(args.config, parse_assignments(args.set))
     if not args.dry_run:
         _check_out(args.out)
     if args.dry_run:
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment config (JSON)")
     run.add_argument("config", help="path of the experiment JSON")
     run.add_argument("--dry-run", action="store_true", help="validate the config and list its runs")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE",
+                     help="value of a ${NAME} in the config (default: the environment variable NAME); repeatable")
     common(run)
     run.set_defaults(func=_cmd_run)
 

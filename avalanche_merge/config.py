@@ -9,8 +9,10 @@ field and the expected type, before the dataclass's own ``__post_init__`` checks
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -135,3 +137,53 @@ def check_range(name: str, value: float, low: float | None = None, high: float |
         hi = ")" if high_open else "]"
         raise ValueError(f"{name} must be in {lo}{low if low is not None else '-inf'}, "
                          f"{high if high is not None else 'inf'}{hi}, got {value}")
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_variables(data: Any, variables: Mapping[str, str] | None = None, *, where: str = "") -> Any:
+    """``data`` with every ``${NAME}`` (or ``${NAME:-default}``) inside its strings replaced.
+
+    A name is looked up in ``variables`` (e.g. ``--set NAME=VALUE`` on the command line) first, then in the
+    environment, then the default after ``:-``. Configs keep machine-specific paths out of the file this way
+    (``"dataset_root": "${AM_DATA}/cifar100"``). Only strings change; keys, numbers and booleans are kept.
+
+    Raises:
+        ConfigError: a referenced variable is set nowhere and has no default (the message names the variable and
+            the config field that uses it).
+    """
+    import os
+
+    variables = dict(variables or {})
+    if isinstance(data, dict):
+        return {k: substitute_variables(v, variables, where=f"{where}.{k}" if where else str(k))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [substitute_variables(v, variables, where=f"{where}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in variables:
+            return variables[name]
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where or 'config'}: ${{{name}}} is not set; export {name}=... or pass --set {name}=... "
+                          f"(it names a local path or value this config needs)")
+
+    return _VARIABLE.sub(replace, data)
+
+
+def parse_assignments(items: list[str] | None, flag: str = "--set") -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` from the command line as a dict; a malformed item raises ``ConfigError``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"{flag}: expected NAME=VALUE with NAME made of letters, digits and '_', got {item!r}")
+        out[name] = value
+    return out

@@ -173,7 +173,10 @@ def gpm_update(cov: torch.Tensor, basis: torch.Tensor | None, threshold: float) 
 
 
 def project_rows(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``matrix - matrix U U^T``: the rows of ``matrix`` (.. x d) without their part in span(U) (d x k)."""
+    """``matrix - matrix U U^T``: the rows of ``matrix`` (.. x d) without their part in span(U) (d x k); half-
+    precision inputs are projected in fp32 and cast back."""
+    if matrix.dtype in (torch.float16, torch.bfloat16):
+        return project_rows(matrix.float(), basis).to(matrix.dtype)
     u = basis.to(device=matrix.device, dtype=matrix.dtype)
     return matrix - (matrix @ u) @ u.T
 
@@ -206,7 +209,9 @@ class DualGPM:
         return self.stored if self.retain else complement(self.stored)
 
     def project_out(self, x: torch.Tensor) -> torch.Tensor:
-        """``x - M M^T x`` for ``x`` of shape (d,) or (d, n)."""
+        """``x - M M^T x`` for ``x`` of shape (d,) or (d, n) (half-precision ``x``: computed in fp32)."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return self.project_out(x.float()).to(x.dtype)
         s = self.stored.to(device=x.device, dtype=x.dtype)
         if self.retain:
             return s @ (s.T @ x)

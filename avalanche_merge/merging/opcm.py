@@ -41,6 +41,8 @@ from .continual import ContinualMerger
 from .spectral import reduced_svd
 from .task_vector import TaskVector
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
     """First index ``i`` with ``cumsum(s)[i] / sum(s) > alpha`` (0 if none), as in the published code."""
@@ -64,11 +66,13 @@ def opcm_project(merged: torch.Tensor, task: torch.Tensor, alpha: float) -> torc
         alpha: threshold in [0, 1] on the cumulative singular-value share that fixes the split rank.
 
     Returns:
-        The cleaned task vector, same shape and dtype as ``task``.
+        The cleaned task vector, same shape and dtype as ``task`` (half-precision inputs are projected in fp32).
     """
     _check_pair(merged, task, alpha)
     if not merged.any():
         return task.clone()
+    if task.dtype in _HALF or merged.dtype in _HALF:  # no half-precision SVD; fp32 accumulation
+        return opcm_project(merged.float(), task.float(), alpha).to(task.dtype)
     u, s, vh = reduced_svd(merged)
     v = vh.mT
     r = split_rank(s, alpha)

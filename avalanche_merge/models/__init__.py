@@ -1,5 +1,7 @@
-"""Backbones: the offline TinyViT (pretrained and cached by the pipeline), open_clip and MiniLM wrappers."""
+"""Backbones: the offline TinyViT (pretrained and cached by the pipeline), full-size timm-format ViTs, open_clip and
+MiniLM wrappers."""
 
+from . import timm_vit  # noqa: F401 - registers the timm_vit backbone
 from .backbones import BACKBONES, BackboneSpec, list_backbones, register_backbone
 from .vit import FeatureExtractor, TinyViT, TinyViTConfig
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, from_dict
+from ..config import ConfigError, from_dict, substitute_variables
 from ..strategies.registry import TrainConfig
 from .analysis import AnalysisConfig, describe_analysis
+from .precision import check_precision, resolve_device
 
 LOGGERS = ("interactive", "text", "csv", "tensorboard")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+.\-]{0,79}$")
@@ -70,7 +71,11 @@ class ExperimentConfig:
         train: optimisation settings (a benchmark entry may override fields).
         model: the backbone every method starts from.
         loggers: Avalanche loggers per run, from ``interactive``, ``text``, ``csv``, ``tensorboard``.
-        device: torch device string.
+        device: torch device string, or ``"auto"`` (CUDA when available, else CPU); checked at plan time.
+        precision: ``"fp32"``, ``"bf16"`` (autocast; CPU or CUDA) or ``"fp16"`` (autocast and a grad scaler; CUDA
+            only) for training and evaluation forward passes (see :mod:`.precision`).
+        num_workers: DataLoader worker processes of training and evaluation (0: load in the main process).
+        pin_memory: pin DataLoader batches in page-locked memory; None: Avalanche's default (on CUDA devices).
         eval_pretrained: evaluate the model before any training (the pretrained/zero-shot reference row).
         analysis: record parameter geometry, representation drift and held-out retention per run (for
             ``avalanche-merge report``); absent: none of it is recorded.
@@ -86,6 +91,9 @@ class ExperimentConfig:
     device: str = "cpu"
     eval_pretrained: bool = True
     analysis: AnalysisConfig | None = None
+    precision: str = "fp32"
+    num_workers: int = 0
+    pin_memory: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -100,6 +108,9 @@ class ExperimentConfig:
             if not 0 <= s < 2**32:  # numpy's and Avalanche's seeding take 32-bit seeds
                 raise ValueError(f"seeds must be in [0, 2**32), got {s}")
         check_device(self.device)
+        check_precision(self.precision, self.device)
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         bad = [name for name in self.loggers if name not in LOGGERS]
         if bad:
             raise ValueError(f"unknown logger {bad[0]!r}; valid loggers: {list(LOGGERS)}")
@@ -124,12 +135,16 @@ class RunPlan:
     analysis: AnalysisConfig | None = None
     protocol: str = "shared"
     prototypes: bool = False
+    precision: str = "fp32"
+    num_workers: int = 0
+    pin_memory: bool | None = None
 
     def describe(self) -> dict:
         """The JSON-ready config of this run (what its hash covers; ``analysis`` only when present, the head
         protocol only when it is ``masked``, ``per_task`` or ``frozen``, so that runs stored before protocols
         existed keep their identity: they were ``shared``, or ``prototype`` / ``routed`` methods that own their
-        classifier)."""
+        classifier; likewise ``precision`` only when it is not ``fp32``; the device and the DataLoader settings
+        never, as they do not change what is computed)."""
         out = {
             "benchmark": self.benchmark, "benchmark_options": dataclasses.asdict(self.benchmark_options),
             "method": self.method, "label": self.label, "method_options": dataclasses.asdict(self.method_options),
@@ -142,6 +157,8 @@ class RunPlan:
         if self.protocol in ("masked", "per_task", "frozen"):  # shared, prototype, routed: nothing was chosen
             out["protocol"] = self.protocol
             out["prototypes"] = self.prototypes
+        if self.precision != "fp32":
+            out["precision"] = self.precision
         return out
 
     @property
@@ -154,9 +171,11 @@ class RunPlan:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device string torch does not parse, or a CUDA / MPS device this machine does not have."""
+    """Refuse a device string torch does not parse, or a CUDA / MPS device this machine does not have (``"auto"``
+    is resolved first: CUDA when available, else CPU)."""
     import torch
 
+    device = resolve_device(device)
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -182,8 +201,12 @@ def _normalise(raw: dict) -> dict:
     return data
 
 
-def load_experiment(source: str | Path | dict) -> ExperimentConfig:
-    """Parse an experiment config from a JSON file path or a dict (strict keys and types)."""
+def load_experiment(source: str | Path | dict, variables: dict[str, str] | None = None) -> ExperimentConfig:
+    """Parse an experiment config from a JSON file path or a dict (strict keys and types).
+
+    ``${NAME}`` in string values is replaced from ``variables``, then the environment (see
+    :func:`~avalanche_merge.config.substitute_variables`); an unset one is a ``ConfigError``.
+    """
     if isinstance(source, dict):
         raw = source
     else:
@@ -196,7 +219,7 @@ def load_experiment(source: str | Path | dict) -> ExperimentConfig:
             raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    return from_dict(ExperimentConfig, _normalise(raw))
+    return from_dict(ExperimentConfig, _normalise(substitute_variables(raw, variables)))
 
 
 def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
@@ -262,8 +285,10 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
                 prototypes = False
             for seed in config.seeds:
                 runs.append(RunPlan(bentry.name, boptions, spec.name, label, moptions, config.model.name,
-                                    run_model_options, train, seed, tuple(config.loggers), config.device,
-                                    config.eval_pretrained, config.analysis, protocol, prototypes))
+                                    run_model_options, train, seed, tuple(config.loggers),
+                                    resolve_device(config.device), config.eval_pretrained, config.analysis,
+                                    protocol, prototypes, config.precision, config.num_workers,
+                                    config.pin_memory))
     return runs
 
 

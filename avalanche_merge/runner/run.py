@@ -19,6 +19,7 @@ import torch
 from ..atomic import atomic_path
 from ..evaluation.matrix import summarize_matrix
 from .plan import RunPlan
+from .precision import enable_mixed_precision, peak_gpu_memory, reset_peak_gpu_memory
 
 _EXP_ACC = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 
@@ -151,13 +152,25 @@ def _count_trained(strategy) -> int:
     return int(sum(seen.values()))
 
 
+def loader_kwargs(plan: RunPlan) -> dict:
+    """DataLoader arguments for ``strategy.train`` / ``strategy.eval`` (none at the defaults, so that runs
+    without them call Avalanche exactly as before)."""
+    out: dict = {}
+    if plan.num_workers:
+        out["num_workers"] = plan.num_workers
+        out["persistent_workers"] = True  # workers survive across the epochs of an experience
+    if plan.pin_memory is not None:
+        out["pin_memory"] = plan.pin_memory
+    return out
+
+
 def execute_run(plan: RunPlan, run_dir: Path) -> dict:
     """Train ``plan``'s method over its benchmark, evaluating the test stream after every experience.
 
     Returns:
         The run's result record (also what :func:`store_result` writes): accuracy matrix ``R[i][j]``, the
-        pretrained row, summary metrics, Avalanche's last metrics, config, seed, versions, timings, peak RAM
-        and the number of trained parameters.
+        pretrained row, summary metrics, Avalanche's last metrics, config, seed, versions, timings, peak RAM,
+        peak GPU memory (None off CUDA), precision and the number of trained parameters.
     """
     from ..benchmarks import BENCHMARKS
     from ..models import BACKBONES
@@ -166,6 +179,7 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
 
     wall0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    reset_peak_gpu_memory(plan.device)
     seed_everything(plan.seed)
     benchmark = BENCHMARKS.get(plan.benchmark).build(plan.benchmark_options, plan.seed)
     model = BACKBONES.get(plan.model).build(plan.model_options, benchmark, plan.seed)
@@ -190,26 +204,28 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
                            plugins=protocol_plugins, device=torch.device(plan.device), seed=plan.seed)
         spec = METHODS.get(plan.method)
         strategy = spec.build(ctx, plan.method_options)
+        enable_mixed_precision(strategy, plan.precision)
+        loader = loader_kwargs(plan)
         n = benchmark.n_experiences
         test_stream = benchmark.test_stream
         train_time = 0.0
         with peak_rss_sampler() as rss:
             pretrained_row = None
             if plan.eval_pretrained and spec.pretrained_eval:
-                pretrained_row = accuracy_row(strategy.eval(test_stream), n)
+                pretrained_row = accuracy_row(strategy.eval(test_stream, **loader), n)
             matrix = []
             if spec.trains_once:
                 t0 = time.perf_counter()
-                strategy.train(benchmark.train_stream)
+                strategy.train(benchmark.train_stream, **loader)
                 train_time += time.perf_counter() - t0
-                last = strategy.eval(test_stream)
+                last = strategy.eval(test_stream, **loader)
                 matrix.append(accuracy_row(last, n))
             else:
                 for exp in benchmark.train_stream:
                     t0 = time.perf_counter()
-                    strategy.train(exp)
+                    strategy.train(exp, **loader)
                     train_time += time.perf_counter() - t0
-                    last = strategy.eval(test_stream)
+                    last = strategy.eval(test_stream, **loader)
                     matrix.append(accuracy_row(last, n))
     finally:
         for f in files:
@@ -244,6 +260,8 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - wall0,
         "peak_rss_mb": rss["peak_mb"],
+        "peak_gpu_mb": peak_gpu_memory(plan.device),
+        "precision": plan.precision,
         "trainable_params": _count_trained(strategy),
         "versions": package_versions(),
         "argv": sys.argv,
