@@ -45,7 +45,8 @@ from .masks import (
     mask_overlap,
 )
 
-PARAMETER_SETS = ("linear", "all")
+PARAMETER_SETS = ("linear", "weights", "all")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(kw_only=True)
@@ -55,8 +56,9 @@ class SparseConfig:
     Args:
         density: fraction of the selectable weights a task may update, in (0, 1].
         scope: ``"tensor"`` (density per parameter tensor) or ``"global"`` (over all selectable weights).
-        parameters: ``"linear"`` (weights of ``nn.Linear`` layers) or ``"all"`` (every floating parameter) of the
-            backbone; the head is handled by ``train_head``.
+        parameters: ``"linear"`` (weights of ``nn.Linear`` layers), ``"weights"`` (weights of ``nn.Linear`` and
+            ``nn.Conv1d/2d/3d`` layers: CNNs) or ``"all"`` (every floating parameter) of the backbone; the head is
+            handled by ``train_head``.
         ownership: weights selected by earlier tasks are frozen for later ones.
         train_head: the classification head trains densely (needed when it is fresh, class-incremental).
         head: module name of the head, or ``"auto"``.
@@ -119,7 +121,11 @@ class SparseLearner:
         self.head_name = find_head(model, config.head) if config.train_head else None
         self.params = self._selectable()
         if not self.params:
-            raise ValueError(f"no selectable parameters (parameters={config.parameters!r}) in {type(model).__name__}")
+            convs = any(isinstance(m, _CONV) for m in model.modules())
+            hint = ("; it has convolutions: use parameters='weights' (nn.Linear and nn.Conv weights) or 'all'"
+                    if convs and config.parameters == "linear" else "")
+            raise ValueError(f"no selectable parameters (parameters={config.parameters!r}) in {type(model).__name__} "
+                             f"outside its head {self.head_name!r}{hint}")
         self.owned = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, torch.Tensor]] = []  # each finished task's mask (bool, CPU)
@@ -138,7 +144,8 @@ class SparseLearner:
             for p_name, p in module.named_parameters(recurse=False):
                 if not p.is_floating_point():
                     continue
-                if self.config.parameters == "linear" and not (isinstance(module, nn.Linear) and p_name == "weight"):
+                kinds = {"linear": nn.Linear, "weights": (nn.Linear, *_CONV)}.get(self.config.parameters)
+                if kinds is not None and not (isinstance(module, kinds) and p_name == "weight"):
                     continue
                 out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
         return out
