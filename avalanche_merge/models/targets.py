@@ -154,12 +154,13 @@ def lora_targets(model: nn.Module, target_modules: Iterable[str] | str = "auto",
                               f"or names to silence this", UserWarning, stacklevel=3)
         if not hits:
             short = sorted({n.rsplit(".", 1)[-1] for n in candidates if n.startswith(scope)})
-            kind = "nn.Linear / nn.Conv layer" if allow_conv else "nn.Linear layer"
-            hint = "" if allow_conv or not any(isinstance(m, _CONV) for m in modules.values()) else \
-                " (this learner adapts nn.Linear layers only: its subspaces are of linear-layer inputs)"
-            raise ValueError(f"target module {target!r} matches no {kind} of {type(model).__name__} ({arch}"
-                             f"{', vision tower' if scope else ''}){hint}; valid names: {short[:24]}, roles "
-                             f"{list(ROLES) if attention else []} or 'auto'")
+            convs = any(isinstance(m, _CONV) for m in modules.values())
+            kind = "nn.Linear / nn.Conv layer" if allow_conv and convs else "nn.Linear layer"
+            hint = " (this learner adapts nn.Linear layers only)" if convs and not allow_conv else ""
+            roles = f", the roles {list(ROLES)}" if attention else ""
+            raise ValueError(f"target module {target!r} matches no {kind} of {type(model).__name__}; valid names: "
+                             f"{short[:24]}{roles} or 'auto' (architecture {arch}"
+                             f"{', vision tower' if scope else ''}){hint}")
         found += [n for n in hits if n not in found]
     for n in found:
         parent = modules[n.rsplit(".", 1)[0]] if "." in n else model

@@ -100,6 +100,33 @@ class SparseConfig:
             raise ValueError(f"max_samples must be an int >= 1, got {self.max_samples!r}")
 
 
+def selectable_parameters(model: nn.Module, parameters: str, head: str | None) -> dict[str, nn.Parameter]:
+    """The parameters a sparse learner may mask: ``parameters`` is ``"linear"``, ``"weights"`` or ``"all"`` (see
+    :class:`SparseConfig`); the head module ``head`` is left out. Also run at plan time on the meta skeleton.
+
+    Raises:
+        ValueError: nothing is selectable (with a hint to use ``"weights"`` when the model has convolutions).
+    """
+    kinds = {"linear": nn.Linear, "weights": (nn.Linear, *_CONV)}.get(parameters)
+    out = {}
+    for mod_name, module in model.named_modules():
+        if head and (mod_name == head or mod_name.startswith(head + ".")):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.is_floating_point():
+                continue
+            if kinds is not None and not (isinstance(module, kinds) and p_name == "weight"):
+                continue
+            out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    if not out:
+        convs = any(isinstance(m, _CONV) for m in model.modules())
+        hint = ("; it has convolutions: use parameters='weights' (nn.Linear and nn.Conv weights) or 'all'"
+                if convs and parameters == "linear" else "")
+        raise ValueError(f"no selectable parameters (parameters={parameters!r}) in {type(model).__name__} outside "
+                         f"its head {head!r}{hint}")
+    return out
+
+
 class SparseLearner:
     """Base of the sparse learners: selectable parameters, the update guard, ownership and statistics.
 
@@ -119,13 +146,7 @@ class SparseLearner:
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.model, self.config = model, config
         self.head_name = find_head(model, config.head) if config.train_head else None
-        self.params = self._selectable()
-        if not self.params:
-            convs = any(isinstance(m, _CONV) for m in model.modules())
-            hint = ("; it has convolutions: use parameters='weights' (nn.Linear and nn.Conv weights) or 'all'"
-                    if convs and config.parameters == "linear" else "")
-            raise ValueError(f"no selectable parameters (parameters={config.parameters!r}) in {type(model).__name__} "
-                             f"outside its head {self.head_name!r}{hint}")
+        self.params = selectable_parameters(model, config.parameters, self.head_name)
         self.owned = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, torch.Tensor]] = []  # each finished task's mask (bool, CPU)
@@ -134,21 +155,6 @@ class SparseLearner:
         self.stream_length: int | None = None
         self.task_steps: int | None = None
         self.task = -1
-
-    def _selectable(self) -> dict[str, nn.Parameter]:
-        head = self.head_name
-        out = {}
-        for mod_name, module in self.model.named_modules():
-            if head and (mod_name == head or mod_name.startswith(head + ".")):
-                continue
-            for p_name, p in module.named_parameters(recurse=False):
-                if not p.is_floating_point():
-                    continue
-                kinds = {"linear": nn.Linear, "weights": (nn.Linear, *_CONV)}.get(self.config.parameters)
-                if kinds is not None and not (isinstance(module, kinds) and p_name == "weight"):
-                    continue
-                out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
-        return out
 
     # -- protocol ------------------------------------------------------------------------------------------
     def begin_task(self, batches: Iterable | None = None) -> list[nn.Parameter]:
