@@ -178,9 +178,14 @@ def _role_hits(arch: str, role: str, candidates: list[str], scope: str) -> list[
 
 
 def sparse_parameters(model: nn.Module, *, exclude: Iterable[str] = ()) -> list[str]:
-    """Names of the weights sparse masks select by default: the ``weight`` of every ``nn.Linear`` and
-    ``nn.Conv`` layer outside ``exclude`` (the head), within the vision tower of a whole CLIP model."""
-    return [f"{n}.weight" for n in _every_layer(model, exclude, allow_conv=True)]
+    """Names of the weights sparse masks select by default (``parameters="weights"``: ``nn.Linear`` and ``nn.Conv``
+    weights, ``nn.MultiheadAttention``'s q/k/v weights) outside ``exclude`` (the head), within the vision tower
+    of a whole CLIP model."""
+    from ..sparse.learner import selectable_parameters
+
+    exclude, scope = list(exclude), vision_scope(model)
+    return [n for n in selectable_parameters(model, "weights", None)
+            if n.startswith(scope) and not _excluded(n.rsplit(".", 1)[0], exclude)]
 
 
 def analysis_layers(model: nn.Module) -> list[str]:

@@ -47,6 +47,7 @@ from .masks import (
 
 PARAMETER_SETS = ("linear", "weights", "all")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # open_clip's q, k, v
 
 
 @dataclass(kw_only=True)
@@ -57,8 +58,9 @@ class SparseConfig:
         density: fraction of the selectable weights a task may update, in (0, 1].
         scope: ``"tensor"`` (density per parameter tensor) or ``"global"`` (over all selectable weights).
         parameters: ``"linear"`` (weights of ``nn.Linear`` layers), ``"weights"`` (weights of ``nn.Linear`` and
-            ``nn.Conv1d/2d/3d`` layers: CNNs) or ``"all"`` (every floating parameter) of the backbone; the head is
-            handled by ``train_head``.
+            ``nn.Conv1d/2d/3d`` layers and the q/k/v projection weights of ``nn.MultiheadAttention``: CNNs,
+            open_clip) or ``"all"`` (every floating parameter) of the backbone; the head is handled by
+            ``train_head``.
         ownership: weights selected by earlier tasks are frozen for later ones.
         train_head: the classification head trains densely (needed when it is fresh, class-incremental).
         head: module name of the head, or ``"auto"``.
@@ -115,7 +117,8 @@ def selectable_parameters(model: nn.Module, parameters: str, head: str | None) -
         for p_name, p in module.named_parameters(recurse=False):
             if not p.is_floating_point():
                 continue
-            if kinds is not None and not (isinstance(module, kinds) and p_name == "weight"):
+            mha = parameters == "weights" and isinstance(module, nn.MultiheadAttention) and p_name in _MHA_WEIGHTS
+            if kinds is not None and not mha and not (isinstance(module, kinds) and p_name == "weight"):
                 continue
             out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
     if not out:

@@ -209,6 +209,8 @@ def test_sparse_masks_reach_conv_and_attention_weights(arch):
     learner = make_sparse_learner("masked", model, density=0.05, parameters="weights", criterion="gradient")
     if arch in ("cnn", "tinyvit"):
         assert any(p.dim() == 4 for p in learner.params.values())  # convolution kernels are maskable
+    if arch == "open_clip":  # nn.MultiheadAttention's fused q/k/v weight too
+        assert "image_encoder.transformer.resblocks.0.attn.in_proj_weight" in learner.params
     start = {n: p.detach().clone() for n, p in learner.params.items()}
     params = learner.begin_task([(x, y)])
     _train(model, params, x, y, after_backward=learner.after_backward, before_step=learner.before_step,
