@@ -282,3 +282,52 @@ def test_nearest_class_mean_on_frozen_features(arch):
     ncm.update(feats, y)
     assert torch.equal(ncm.predict(feats), ncm.predict(feats.clone()))
     assert ncm.logits(feats).shape == (8, N_CLASSES)
+
+
+class _Data(torch.utils.data.Dataset):
+    """Tensors with ``targets``, as Avalanche's benchmark generators want them."""
+
+    def __init__(self, x, y):
+        self.x, self.targets = x, [int(v) for v in y]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("plugin", ["olora", "masked"])
+def test_plugins_inside_avalanche_naive(arch, plugin):
+    """The plugins as a user drops them in: the strategy's optimizer was built on the whole model before the
+    learner split attention or injected adapters; each experience still trains only the learner's parameters."""
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
+    from avalanche.training import Naive
+
+    from avalanche_merge.plugins import LoRAPlugin
+    from avalanche_merge.plugins.sparse import SparsePlugin
+
+    model, x, y = build(arch)
+    data = _Data(x, y)
+    bench = nc_benchmark(data, data, n_experiences=2, task_labels=False, seed=0, fixed_class_order=[0, 1, 2, 3])
+    if plugin == "olora":
+        plug = LoRAPlugin(method="olora", options={"rank": 2, "lr": 0.05})
+    else:
+        plug = SparsePlugin(method="masked", options={"parameters": "weights", "density": 0.1, "lr": 0.05})
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=4, train_epochs=1, eval_mb_size=8,
+                     plugins=[plug], evaluator=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # roles on the MLP / CNN: the fallback warning
+        for experience in bench.train_stream:
+            strategy.train(experience)
+    learner = plug.learner
+    trainable = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
+    assert trainable and all(p.requires_grad for p in model.parameters() if id(p) in trainable)
+    if plugin == "olora":
+        assert len(learner.adapters) == 2
+        assert all(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B.task0" in n)
+    else:
+        assert len(learner.history) == 2
+        assert not any((learner.history[0][n] & learner.history[1][n]).any() for n in learner.params)  # ownership
