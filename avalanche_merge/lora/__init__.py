@@ -12,7 +12,8 @@ learner        what protects earlier tasks                                      
 ``gpm``        full fine-tuning of the targets with GPM gradient projection           Saha et al., ICLR 2021
 =============  ====================================================================  ==========================
 
-``make_learner(name, model, **options)`` builds any of them; ``list_learners()`` lists the names.
+``make_learner(name, model, **options)`` builds any of them; ``list_learners()`` lists the names. Targets resolve per
+architecture (:mod:`avalanche_merge.models.targets`); ``export_peft_adapter`` writes an adapter in peft's format.
 """
 
 from . import cllora, gpm, inflora, olora, sdlora  # noqa: F401 - each module registers its learner
@@ -30,6 +31,7 @@ from .adapters import (
 )
 from .cllora import CLLoRA, CLLoRAConfig
 from .config import LoRAConfig
+from .export import export_peft_adapter
 from .gpm import GPMConfig, GPMFineTune, GPMLoRA
 from .inflora import InfLoRA, InfLoRAConfig
 from .learner import ContinualLoRA, SequentialLoRA, SequentialLoRAConfig, run_model
@@ -43,5 +45,6 @@ if "lora" not in LEARNERS.names():
 __all__ = ["LEARNERS", "CLLoRA", "CLLoRAConfig", "ContinualLoRA", "GPMConfig", "GPMFineTune", "GPMLoRA", "InfLoRA",
            "InfLoRAConfig", "LoRAConfig", "OLoRA", "OLoRAConfig", "SDLoRA", "SDLoRAConfig", "SequentialLoRA",
            "SequentialLoRAConfig", "activate", "adapter_deltas", "adapter_names", "adapter_parameters",
-           "adapter_state", "add_adapter", "delta_weight", "linear_names", "list_learners", "lora_layers",
-           "make_config", "make_learner", "orthogonality_penalty", "register_learner", "resolve_targets", "run_model"]
+           "adapter_state", "add_adapter", "delta_weight", "export_peft_adapter", "linear_names", "list_learners",
+           "lora_layers", "make_config", "make_learner", "orthogonality_penalty", "register_learner", "resolve_targets",
+           "run_model"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -28,32 +29,18 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoraLayer)]
 
 
-def resolve_targets(model: nn.Module, target_modules: Iterable[str], *, exclude: Iterable[str] = ()) -> list[str]:
-    """Full names of the ``nn.Linear`` layers matched by ``target_modules`` (last name component or full name).
+def resolve_targets(model: nn.Module, target_modules: Iterable[str] | str, *, exclude: Iterable[str] = (),
+                    allow_conv: bool = True) -> list[str]:
+    """Full names of the layers matched by ``target_modules``: names, last name components, the roles ``q``,
+    ``k``, ``v``, ``proj``, ``fc1``, ``fc2`` translated per architecture, or ``"auto"``; see
+    :func:`avalanche_merge.models.targets.lora_targets` (which may split fused attention in place).
 
     Raises:
-        ValueError: a target matches no ``nn.Linear`` of the model (the message lists the valid short names).
+        ValueError: a target matches no layer of the model (the message lists the valid short names).
     """
-    excluded = tuple(exclude)
-    modules = dict(model.named_modules())
-    candidates = [n for n, m in modules.items()
-                  if isinstance(m, (nn.Linear, LoraLayer)) and ".lora_" not in n
-                  and not n.endswith(".base_layer") and not any(n == e or n.startswith(e + ".") for e in excluded)]
-    found: list[str] = []
-    for target in target_modules:
-        hits = [n for n in candidates if n == target or n.rsplit(".", 1)[-1] == target]
-        if not hits:
-            short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-            raise ValueError(f"target module {target!r} matches no nn.Linear layer of {type(model).__name__}; "
-                             f"valid names: {short}")
-        found += [n for n in hits if n not in found]
-    for n in found:
-        parent = modules[n.rsplit(".", 1)[0]] if "." in n else model
-        if isinstance(parent, nn.MultiheadAttention):
-            raise ValueError(f"{n!r} is the output projection of an nn.MultiheadAttention, whose forward reads "
-                             f"out_proj.weight directly, so a LoRA there would be ignored; target the MLP layers "
-                             f"(open_clip: c_fc, c_proj) instead")
-    return sorted(found, key=list(modules).index)
+    from ..models.targets import lora_targets
+
+    return lora_targets(model, target_modules, exclude=exclude, allow_conv=allow_conv)
 
 
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig, targets: list[str]) -> None:
@@ -91,15 +78,60 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return params
 
 
-def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = ()) -> None:
-    """Make the adapters ``active`` contribute to the forward pass; only those in ``trainable`` get gradients."""
+def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = (),
+             foreign: Mapping[str, Mapping[str, bool]] | None = None) -> None:
+    """Make the adapters ``active`` contribute to the forward pass; only those in ``trainable`` get gradients.
+
+    ``foreign`` (from :func:`foreign_adapters`): adapters that were on the model before the learner; those that
+    were active stay active, and each of their parameters keeps the ``requires_grad`` the user had set.
+    """
     trainable = set(trainable)
-    for layer in lora_layers(model).values():
-        present = [a for a in active if a in layer.lora_A]
+    foreign = _FOREIGN.get(model, {}) if foreign is None else foreign
+    for layer_name, layer in lora_layers(model).items():
+        kept = foreign.get(layer_name, {})
+        present = [a for a in kept if kept[a]] + [a for a in active if a in layer.lora_A]
+        grads = {id(p): p.requires_grad for a in kept for p in (*layer.lora_A[a].parameters(),
+                                                                 *layer.lora_B[a].parameters())}
         layer.set_adapter(present)  # peft: marks every active adapter trainable; undone below
         for a in layer.lora_A:
             for p in (*layer.lora_A[a].parameters(), *layer.lora_B[a].parameters()):
-                p.requires_grad_(a in trainable)
+                p.requires_grad_(grads[id(p)] if a in kept else a in trainable)
+
+
+def foreign_adapters(model: nn.Module, reserved: Callable[[str], bool] = lambda name: False
+                     ) -> dict[str, dict[str, bool]]:
+    """Adapters already on ``model`` (a user's peft adapters): ``{layer: {adapter: active}}``. A learner records
+    them once, before adding its own (:func:`record_foreign_adapters`), so that :func:`activate` leaves them as the
+    user set them: active or not, trainable or not (peft's ``set_adapter`` alone would switch them off).
+
+    Raises:
+        ValueError: an existing adapter has a name the learner will use (``reserved(name)`` is true).
+    """
+    out: dict[str, dict[str, bool]] = {}
+    for layer_name, layer in lora_layers(model).items():
+        active = set(layer.active_adapters)
+        for a in layer.lora_A:
+            if reserved(a):
+                raise ValueError(f"the model already has a peft adapter named {a!r} (layer {layer_name}), a name "
+                                 f"this learner gives its own adapters; rename it (peft: adapter_name=...) or "
+                                 f"remove it (peft: delete_adapter)")
+            out.setdefault(layer_name, {})[a] = a in active and not layer.disable_adapters
+    return out
+
+
+_FOREIGN: WeakKeyDictionary = WeakKeyDictionary()  # model -> its foreign adapters, read by activate()
+
+
+def record_foreign_adapters(model: nn.Module) -> dict[str, dict[str, bool]]:
+    """Record (once per model) the peft adapters on ``model`` that no learner of this package created, so that
+    every later :func:`activate` keeps them as they are; return them.
+
+    Raises:
+        ValueError: an existing adapter is named like this package's adapters (``task<k>``, ``shared``).
+    """
+    if model not in _FOREIGN:
+        _FOREIGN[model] = foreign_adapters(model, lambda a: a == "shared" or re.fullmatch(r"task\d+", a) is not None)
+    return _FOREIGN[model]
 
 
 @contextmanager
@@ -122,9 +154,12 @@ def lifted_b_parametrizations(model: nn.Module, modules: Mapping[str, Mapping[st
 
 
 def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
-    """``scaling * B A`` of adapter ``name`` in ``layer`` (shape of the base weight)."""
+    """``scaling * B A`` of adapter ``name`` in ``layer`` (shape of the base weight; for a convolution ``B`` is
+    ``1 x 1`` and ``A`` has the kernel, so ``B A`` is the product of the flattened factors, reshaped)."""
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    return layer.scaling[name] * (b @ a)
+    if a.dim() == 2:
+        return layer.scaling[name] * (b @ a)
+    return layer.scaling[name] * (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
 
 
 def adapter_deltas(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -236,6 +236,7 @@ class CLLoRA(ContinualLoRA):
     name = "cllora"
     config_cls = CLLoRAConfig
     per_task = True
+    conv_targets = False  # orthogonal A of an nn.Linear input
 
     def __init__(self, model: nn.Module, *, config: CLLoRAConfig | None = None) -> None:
         super().__init__(model, config=config)

@@ -28,9 +28,11 @@ class LoRAConfig:
         rank: LoRA rank r, >= 1.
         alpha: LoRA alpha; the update is scaled by ``alpha / rank``. ``None`` means ``alpha = rank`` (scale 1).
         dropout: dropout on the adapter input, in [0, 1).
-        target_modules: module names (last component, e.g. ``"q"``, or full dotted names) of the ``nn.Linear``
-            layers that get adapters. TinyViT: ``q``, ``k``, ``v``, ``proj``, ``fc1``, ``fc2``; open_clip:
-            ``c_fc``, ``c_proj``, ``out_proj``; BERT / MiniLM: ``query``, ``key``, ``value``, ``dense``.
+        target_modules: the layers (``nn.Linear``; ``nn.Conv2d`` for learners that allow it) that get adapters:
+            full dotted names, last name components (``"c_fc"``), the roles ``q``, ``k``, ``v``, ``proj``, ``fc1``,
+            ``fc2`` (TinyViT's names, translated per architecture: open_clip, timm ViT, MiniLM/BERT ``query``...;
+            fused attention is split first) or ``"auto"`` (the attention's q, k, v; every layer outside the head on
+            an MLP or CNN). See :mod:`avalanche_merge.models.targets`.
         train_head: keep the classification head trainable (it is not a LoRA target).
         head: module name of the head, or ``"auto"`` (``head``/``classifier``/last ``nn.Linear``).
         max_samples: inputs per experience used by data-dependent steps (input covariances, old outputs), >= 1.

@@ -63,6 +63,7 @@ class _GPMMemory(ContinualLoRA):
 
     config_cls = GPMConfig
     needs_inputs = True
+    conv_targets = False  # input subspaces of nn.Linear layers
 
     def __init__(self, model: nn.Module, *, config: GPMConfig | None = None) -> None:
         super().__init__(model, config=config)

@@ -126,6 +126,7 @@ class InfLoRA(ContinualLoRA):
     config_cls = InfLoRAConfig
     per_task = True
     needs_inputs = True
+    conv_targets = False  # input subspaces of nn.Linear layers
 
     def __init__(self, model, *, config: InfLoRAConfig | None = None) -> None:
         super().__init__(model, config=config)
@@ -160,7 +161,8 @@ class InfLoRA(ContinualLoRA):
         super()._activate()
         for layer in self.layers().values():
             for name in layer.lora_A:
-                layer.lora_A[name].requires_grad_(False)  # A is fixed by the data; only B trains
+                if name in self.adapters:  # not a user's own peft adapter
+                    layer.lora_A[name].requires_grad_(False)  # A is fixed by the data; only B trains
 
     def threshold(self, task: int) -> float:
         """The DualGPM threshold applied after task ``task`` (0-based): ``lamb + (lame - lamb) * task / T``."""

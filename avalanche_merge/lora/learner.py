@@ -30,7 +30,15 @@ import torch
 from torch import nn
 
 from ..merging.heads import find_head
-from .adapters import activate, adapter_state, add_adapter, load_adapter_state, lora_layers, resolve_targets
+from .adapters import (
+    activate,
+    adapter_state,
+    add_adapter,
+    load_adapter_state,
+    lora_layers,
+    record_foreign_adapters,
+    resolve_targets,
+)
 from .config import LoRAConfig
 
 
@@ -54,6 +62,7 @@ class ContinualLoRA:
     config_cls: ClassVar[type] = LoRAConfig
     per_task: ClassVar[bool] = False
     needs_inputs: ClassVar[bool] = False  # begin_task / end_task use the task's inputs
+    conv_targets: ClassVar[bool] = True  # False: the method works on inputs of nn.Linear layers only
 
     def __init__(self, model: nn.Module, *, config: LoRAConfig | None = None) -> None:
         if not isinstance(model, nn.Module):
@@ -64,7 +73,8 @@ class ContinualLoRA:
         self.model = model
         self.config = config
         self.head_name = find_head(model, config.head) if config.train_head else None
-        self.targets = resolve_targets(model, config.target_modules,
+        self.foreign = record_foreign_adapters(model)  # a user's peft adapters stay as they are
+        self.targets = resolve_targets(model, config.target_modules, allow_conv=self.conv_targets,
                                        exclude=[self.head_name] if self.head_name else [])
         self.adapters: list[str] = []
         self.task = -1

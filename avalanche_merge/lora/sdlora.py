@@ -305,7 +305,7 @@ def direction_norm(layer: nn.Module, name: str, norm: str = "factors") -> float:
     ``norm="factors"``: ``||s B||_F ||A||_F``; ``"product"``: ``||s B A||_F``.
     """
     check_choice("norm", norm, NORMS)
-    a, b = (w.detach().double() for w in raw_weights(layer, name))
+    a, b = (w.detach().double().flatten(1) for w in raw_weights(layer, name))  # a convolution: kernel flattened
     s = float(layer.scaling[name])
     if norm == "factors":
         return float(torch.linalg.matrix_norm(s * b) * torch.linalg.matrix_norm(a))

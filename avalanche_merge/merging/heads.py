@@ -38,7 +38,11 @@ def find_head(model: nn.Module, prefix: str = "auto") -> str:
     for name in ("head", "classifier"):
         if name in modules:
             return name
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if callable(getattr(model, "encode_text", None)) and isinstance(getattr(model, "visual", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} is a whole CLIP model (image and text towers) without a "
+                         f"classification head: its last nn.Linear is a text-tower layer; wrap the image tower "
+                         f"with avalanche_merge.models.clip.ZeroShotClassifier, or pass head=<module name>")
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and ".lora_" not in n]
     if not linears:
         raise ValueError("found no classification head (no 'head'/'classifier' module and no nn.Linear); "
                          "pass head=<module name>")

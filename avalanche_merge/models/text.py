@@ -104,7 +104,13 @@ class MiniLMEncoder(nn.Module):
     def feature_dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+    def forward(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Embed a list of str, or token tensors ``(batch, 2, length)`` from :func:`tokenize` (what Avalanche
+        batches from a :class:`TokenizedTextDataset`)."""
+        if isinstance(texts, torch.Tensor):
+            batch = {k: v.to(next(self.model.parameters()).device) for k, v in _unpack(texts).items()}
+            states = self.model(**batch).last_hidden_state
+            return F.normalize(mean_pool(states, batch["attention_mask"]), dim=-1)
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
         texts = list(texts)
@@ -133,3 +139,77 @@ class MiniLMEncoder(nn.Module):
             return torch.cat([self(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
         finally:
             self.train(was_training)
+
+
+# -- text that Avalanche can batch ------------------------------------------------------------------------------
+def tokenize(texts: Sequence[str], tokenizer: Any, *, max_length: int = 64) -> torch.Tensor:
+    """Texts as one int64 tensor ``(n, 2, max_length)``: ``[:, 0]`` the token ids, ``[:, 1]`` the attention mask
+    (padded to ``max_length``, truncated beyond), so that Avalanche and ``DataLoader`` batch them like images."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of str")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1).long()
+
+
+class TokenizedTextDataset(torch.utils.data.Dataset):
+    """A labelled text dataset, tokenised once: item ``i`` is ``(tokens (2, max_length), label)``.
+
+    Give it to Avalanche's ``nc_benchmark`` / ``ni_benchmark`` (it has ``targets``) and train a
+    :class:`TextClassifier` (or :class:`MiniLMEncoder`, which accepts the same token tensors) on it.
+
+    Args:
+        texts: the sentences.
+        labels: one int class per sentence.
+        tokenizer: a Hugging Face tokenizer (:func:`load_minilm` returns MiniLM's).
+        max_length: tokens per sentence after padding / truncation.
+    """
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[int], *, tokenizer: Any, max_length: int = 64) -> None:
+        if len(texts) != len(labels):
+            raise ValueError(f"got {len(texts)} texts and {len(labels)} labels")
+        self.tokens = tokenize(texts, tokenizer, max_length=max_length)
+        self.targets = [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.tokens[index], self.targets[index]
+
+
+def _unpack(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    if tokens.dim() != 3 or tokens.shape[1] != 2:
+        raise ValueError(f"token tensors must have shape (batch, 2, length) (see tokenize), got {tuple(tokens.shape)}")
+    return {"input_ids": tokens[:, 0], "attention_mask": tokens[:, 1]}
+
+
+class TextClassifier(nn.Module):
+    """A sentence encoder (MiniLM) with a linear head, on token tensors from :func:`tokenize`.
+
+    ``features(tokens)``: unit-norm mean-pooled embeddings (as :class:`MiniLMEncoder`); ``forward`` adds the head.
+
+    Args:
+        encoder: a BERT-style ``transformers`` model (``load_minilm()[0]``).
+        num_classes: outputs of the head.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), num_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch = _unpack(tokens)
+        states = self.encoder(**batch).last_hidden_state
+        return F.normalize(mean_pool(states, batch["attention_mask"]), dim=-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(tokens))

@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 from ..config import check_range
-from ..lora.adapters import activate, adapter_parameters, add_adapter, lora_layers, resolve_targets
+from ..lora.adapters import (
+    activate,
+    adapter_parameters,
+    add_adapter,
+    lora_layers,
+    record_foreign_adapters,
+    resolve_targets,
+)
 from ..lora.config import LoRAConfig, check_positive_int
 from ..lora.olora import orthogonality_penalty
 from ..merging.heads import find_head
@@ -194,6 +201,7 @@ class RoutedLoRA(nn.Module):
             num_classes = int(head_layer.out_features)
         check_positive_int("num_classes", num_classes)
         self.num_classes = num_classes
+        record_foreign_adapters(backbone)  # a user's peft adapters stay as they are
         self.targets = resolve_targets(backbone, self.config.target_modules, exclude=[head_name])
         backbone.requires_grad_(False)
         self.heads = nn.ModuleList()

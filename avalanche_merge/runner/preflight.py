@@ -4,7 +4,8 @@
 before any pretraining or training: it builds each benchmark once (offline data: a second; local datasets: their
 files are found and read), builds each backbone's architecture on the ``meta`` device (no weights loaded,
 nothing pretrained) after checking every path the real build will read (checkpoints, cache folder, open_clip
-weights), and resolves on it what the runs will look up by name: LoRA ``target_modules`` and the analysis
+weights), and resolves on it what the runs will look up by name or kind: LoRA ``target_modules`` (per
+architecture, see :mod:`avalanche_merge.models.targets`), the weights sparse masks select and the analysis
 ``layers``. Combinations that cannot run (representation drift of a routed model) are refused here too.
 """
 
@@ -62,19 +63,32 @@ def _skeletons(plans: list[RunPlan], shapes: dict) -> dict[tuple, Any]:
 
 
 def _check_targets(plan: RunPlan, model: Any) -> None:
-    """LoRA ``target_modules`` (any method option of that name) must match linear layers of the model."""
+    """What a method looks up in the model by name or kind resolves on its skeleton: LoRA ``target_modules`` (any
+    method option of that name; roles and ``"auto"`` translated per architecture, fused attention split as the
+    learner will; convolutions refused for learners on nn.Linear inputs) and the weights sparse masks select."""
     from ..lora.adapters import resolve_targets
+    from ..lora.registry import LEARNERS
     from ..merging.heads import find_head
 
-    targets = getattr(plan.method_options, "target_modules", None)
-    if not targets:
-        return
-    head = getattr(plan.method_options, "head", "auto")
-    try:
-        exclude = [find_head(model, head if isinstance(head, str) else "auto")]
-        resolve_targets(model, targets, exclude=exclude)
-    except ValueError as exc:
-        raise ConfigError(f"methods ({plan.label}).options.target_modules on {plan.benchmark}: {exc}") from None
+    options = plan.method_options
+    head = getattr(options, "head", "auto")
+    targets = getattr(options, "target_modules", None)
+    parameters = getattr(options, "parameters", None)
+    if targets:
+        allow_conv = getattr(LEARNERS.get(plan.method), "conv_targets", True) if plan.method in LEARNERS else True
+        try:
+            exclude = [find_head(model, head if isinstance(head, str) else "auto")]
+            resolve_targets(model, targets, exclude=exclude, allow_conv=allow_conv)
+        except ValueError as exc:
+            raise ConfigError(f"methods ({plan.label}).options.target_modules on {plan.benchmark}: {exc}") from None
+    if isinstance(parameters, str):
+        from ..sparse.learner import selectable_parameters
+
+        try:
+            exclude = find_head(model, head) if getattr(options, "train_head", False) else None
+            selectable_parameters(model, parameters, exclude)
+        except ValueError as exc:
+            raise ConfigError(f"methods ({plan.label}).options.parameters on {plan.benchmark}: {exc}") from None
 
 
 def _check_analysis(plan: RunPlan, model: Any) -> None:
@@ -97,6 +111,13 @@ def _check_analysis(plan: RunPlan, model: Any) -> None:
         raise ConfigError(f"analysis.drift: {plan.label!r} routes each input to its task's adapter, so a layer "
                           f"never sees a whole probe batch and drift cannot be measured; set "
                           f"\"drift\": false for this experiment or run the routed method in another one")
+    if not analysis.layers and model is not None:  # the default blocks must exist (a CNN has no ModuleList)
+        from ..models.targets import analysis_layers
+
+        try:
+            analysis_layers(model)
+        except ValueError as exc:
+            raise ConfigError(f"analysis.layers: {exc}") from None
     if analysis.layers and model is not None:
         names = {n for n, _ in model.named_modules() if n}
         missing = [n for n in analysis.layers if n not in names]

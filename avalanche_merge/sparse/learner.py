@@ -45,7 +45,9 @@ from .masks import (
     mask_overlap,
 )
 
-PARAMETER_SETS = ("linear", "all")
+PARAMETER_SETS = ("linear", "weights", "all")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # open_clip's q, k, v
 
 
 @dataclass(kw_only=True)
@@ -55,8 +57,10 @@ class SparseConfig:
     Args:
         density: fraction of the selectable weights a task may update, in (0, 1].
         scope: ``"tensor"`` (density per parameter tensor) or ``"global"`` (over all selectable weights).
-        parameters: ``"linear"`` (weights of ``nn.Linear`` layers) or ``"all"`` (every floating parameter) of the
-            backbone; the head is handled by ``train_head``.
+        parameters: ``"linear"`` (weights of ``nn.Linear`` layers), ``"weights"`` (weights of ``nn.Linear`` and
+            ``nn.Conv1d/2d/3d`` layers and the q/k/v projection weights of ``nn.MultiheadAttention``: CNNs,
+            open_clip) or ``"all"`` (every floating parameter) of the backbone; the head is handled by
+            ``train_head``.
         ownership: weights selected by earlier tasks are frozen for later ones.
         train_head: the classification head trains densely (needed when it is fresh, class-incremental).
         head: module name of the head, or ``"auto"``.
@@ -98,6 +102,34 @@ class SparseConfig:
             raise ValueError(f"max_samples must be an int >= 1, got {self.max_samples!r}")
 
 
+def selectable_parameters(model: nn.Module, parameters: str, head: str | None) -> dict[str, nn.Parameter]:
+    """The parameters a sparse learner may mask: ``parameters`` is ``"linear"``, ``"weights"`` or ``"all"`` (see
+    :class:`SparseConfig`); the head module ``head`` is left out. Also run at plan time on the meta skeleton.
+
+    Raises:
+        ValueError: nothing is selectable (with a hint to use ``"weights"`` when the model has convolutions).
+    """
+    kinds = {"linear": nn.Linear, "weights": (nn.Linear, *_CONV)}.get(parameters)
+    out = {}
+    for mod_name, module in model.named_modules():
+        if head and (mod_name == head or mod_name.startswith(head + ".")):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.is_floating_point():
+                continue
+            mha = parameters == "weights" and isinstance(module, nn.MultiheadAttention) and p_name in _MHA_WEIGHTS
+            if kinds is not None and not mha and not (isinstance(module, kinds) and p_name == "weight"):
+                continue
+            out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    if not out:
+        convs = any(isinstance(m, _CONV) for m in model.modules())
+        hint = ("; it has convolutions: use parameters='weights' (nn.Linear and nn.Conv weights) or 'all'"
+                if convs and parameters == "linear" else "")
+        raise ValueError(f"no selectable parameters (parameters={parameters!r}) in {type(model).__name__} outside "
+                         f"its head {head!r}{hint}")
+    return out
+
+
 class SparseLearner:
     """Base of the sparse learners: selectable parameters, the update guard, ownership and statistics.
 
@@ -117,9 +149,7 @@ class SparseLearner:
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.model, self.config = model, config
         self.head_name = find_head(model, config.head) if config.train_head else None
-        self.params = self._selectable()
-        if not self.params:
-            raise ValueError(f"no selectable parameters (parameters={config.parameters!r}) in {type(model).__name__}")
+        self.params = selectable_parameters(model, config.parameters, self.head_name)
         self.owned = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, torch.Tensor]] = []  # each finished task's mask (bool, CPU)
@@ -128,20 +158,6 @@ class SparseLearner:
         self.stream_length: int | None = None
         self.task_steps: int | None = None
         self.task = -1
-
-    def _selectable(self) -> dict[str, nn.Parameter]:
-        head = self.head_name
-        out = {}
-        for mod_name, module in self.model.named_modules():
-            if head and (mod_name == head or mod_name.startswith(head + ".")):
-                continue
-            for p_name, p in module.named_parameters(recurse=False):
-                if not p.is_floating_point():
-                    continue
-                if self.config.parameters == "linear" and not (isinstance(module, nn.Linear) and p_name == "weight"):
-                    continue
-                out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
-        return out
 
     # -- protocol ------------------------------------------------------------------------------------------
     def begin_task(self, batches: Iterable | None = None) -> list[nn.Parameter]:

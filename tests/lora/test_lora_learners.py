@@ -158,7 +158,7 @@ def test_bad_configs_raise(options, match):
 
 
 def test_unknown_target_module_and_learner():
-    with pytest.raises(ValueError, match=r"target module 'query' matches no nn.Linear layer.*'fc1'"):
+    with pytest.raises(ValueError, match=r"target module 'query' matches no nn.Linear.*'fc1'"):
         make_learner("lora", tiny_model(), target_modules=["query"])
     with pytest.raises(ValueError, match="unknown LoRA learner 'nope'.*olora"):
         make_learner("nope", tiny_model())

@@ -77,9 +77,11 @@ def test_dry_run_reports_a_model_error_in_one_line(tmp_path, capsys, no_training
 
 def test_lora_targets_are_resolved_on_open_clip_architecture(no_training):
     clip = {"name": "open_clip", "options": {"model_name": "tiny", "model_cfg": TINY_CLIP}}
-    with pytest.raises(ConfigError, match=r"'q' matches no nn\.Linear layer of ZeroShotClassifier.*c_fc"):
-        check(tiny_experiment([{"name": "lora", "options": {"target_modules": ["q"]}}], model=clip))
+    with pytest.raises(ConfigError, match=r"'query' matches no nn\.Linear.* of ZeroShotClassifier.*c_fc.*open_clip"):
+        check(tiny_experiment([{"name": "lora", "options": {"target_modules": ["query"]}}], model=clip))
     check(tiny_experiment([{"name": "lora", "options": {"target_modules": ["c_fc", "c_proj"]}}], model=clip))
+    # the learners' defaults (roles q, v) and "auto" reach open_clip's attention, split into Linear layers (issue 16)
+    check(tiny_experiment(["lora", {"name": "inflora", "options": {"target_modules": ["auto"]}}], model=clip))
 
 
 def test_valid_configs_pass_without_loading_weights(no_training, tmp_path):
