@@ -69,16 +69,21 @@ def fomo_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_ka_zs(results: list[dict], path: str | Path, *, title: str = "") -> Path:
+def plot_ka_zs(results: list[dict], path: str | Path, *, title: str = "", labels: list[str] | None = None) -> Path:
     """Seed-averaged (A_KA, A_ZS) after every step, one line per method, from the zero-shot point (star).
 
-    Dotted grey curves of constant geometric mean help read the trade-off. Saved to ``path`` (PNG or PDF).
+    Dotted grey curves of constant geometric mean help read the trade-off. ``labels`` fixes the style of each
+    method by its position (pass the same list to every figure so that a method keeps its colour); labels not in
+    it follow. Saved to ``path`` (PNG or PDF).
     """
     plt = _pyplot()
     groups = _by_label(results)
+    order = [lab for lab in (labels or []) if lab] + [lab for lab in groups if lab not in (labels or [])]
+    styles = dict(zip(order, _line_styles(len(order)), strict=True))
     fig, ax = plt.subplots(figsize=(7.5, 5))
     zero = None
-    for (label, runs), (color, dash, marker) in zip(groups.items(), _line_styles(len(groups)), strict=True):
+    for label, runs in groups.items():
+        color, dash, marker = styles[label]
         ka = 100 * np.mean([r["fomo"]["A_KA"] for r in runs], axis=0)
         zs = 100 * np.mean([r["fomo"]["A_ZS"] for r in runs], axis=0)
         zero = (ka[0], zs[0])
