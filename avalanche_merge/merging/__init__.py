@@ -10,6 +10,7 @@
 
 from .continual import (
     ContinualAverage,
+    ContinualEMA,
     ContinualMerger,
     ContinualTaskArithmetic,
     ContinualTIES,
@@ -25,8 +26,8 @@ from .streaming import merge_safetensors
 from .task_vector import TaskVector, check_task_vectors, cosine_similarity_matrix
 
 __all__ = [
-    "CONTINUAL_MERGERS", "OFFLINE_MERGES", "OPCM", "ContinualAverage", "ContinualMerger", "ContinualTIES",
-    "ContinualTaskArithmetic", "MagMax", "OfflineMerger", "TaskVector", "average", "breadcrumbs",
+    "CONTINUAL_MERGERS", "OFFLINE_MERGES", "OPCM", "ContinualAverage", "ContinualEMA", "ContinualMerger",
+    "ContinualTIES", "ContinualTaskArithmetic", "MagMax", "OfflineMerger", "TaskVector", "average", "breadcrumbs",
     "check_task_vectors", "cosine_similarity_matrix", "dare", "iso_c", "iso_cts", "linear_weight_names",
     "list_mergers", "magmax", "make_merger", "merge_safetensors", "merge_sequentially", "opcm_project",
     "opcm_project_full_svd", "split_rank", "task_arithmetic", "ties", "tsv",

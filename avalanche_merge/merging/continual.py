@@ -10,6 +10,9 @@ model-sized tensors sets the merger holds (1 for all online mergers; T for :clas
   vector), added to the merge with a scaling factor.
 - :class:`MagMax`: running maximum-magnitude selection (Marczak et al., "MagMax: Leveraging Model Merging for
   Seamless Continual Learning", ECCV 2024).
+- :class:`ContinualEMA`: ``m_t = (1 - w) m_{t-1} + w tau_t``, the exponential moving average of the weights that
+  FoMo-in-Flux (Roth et al., "A Practitioner's Guide to Continual Multimodal Pretraining", 2024) finds the best
+  accumulation/retention trade-off when each task trains from the merged weights (``start="merged"``).
 - :class:`OfflineMerger`: keeps every task vector and re-runs an offline merge (TIES, DARE, TSV-M, Iso-C, ...).
 - :class:`~avalanche_merge.merging.opcm.OPCM` (in ``opcm.py``).
 """
@@ -187,6 +190,35 @@ class MagMax(ContinualMerger):
     def merged(self) -> TaskVector:
         self._require_tasks()
         return self._max * self.scaling
+
+
+@dataclass(kw_only=True)
+class ContinualEMA(ContinualMerger):
+    """Exponential moving average of the weights, in task-vector form: ``m_t = (1 - w) m_{t-1} + w tau_t``,
+    ``m_0 = 0`` (the pretrained model), so ``m_1 = w tau_1``.
+
+    With each task fine-tuned from ``theta_0 + m_{t-1}`` (``MergePlugin(start="merged")``) this is the continual
+    EMA merge of FoMo-in-Flux (Roth et al. 2024): the new weights are interpolated with the running merge, whose
+    old tasks decay geometrically by ``(1 - w)`` per task.
+
+    Args:
+        weight: w in (0, 1], the weight of the newly fine-tuned model (0.5: plain interpolation).
+    """
+
+    weight: float = 0.5
+    _ema: TaskVector | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_range("weight", self.weight, 0.0, 1.0, low_open=True)
+
+    def _add(self, task_vector: TaskVector) -> None:
+        step = task_vector * self.weight
+        self._ema = step if self._ema is None else self._ema * (1.0 - self.weight) + step
+
+    @property
+    def merged(self) -> TaskVector:
+        self._require_tasks()
+        return self._ema
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,7 @@ import torch
 from ..registry import Registry
 from .continual import (
     ContinualAverage,
+    ContinualEMA,
     ContinualMerger,
     ContinualTaskArithmetic,
     ContinualTIES,
@@ -32,7 +33,8 @@ for _fn in (task_arithmetic, average, ties, dare, breadcrumbs, magmax, tsv, iso_
 
 CONTINUAL_MERGERS: Registry[type[ContinualMerger]] = Registry("continual merger")
 for _name, _cls in (("continual_task_arithmetic", ContinualTaskArithmetic), ("continual_average", ContinualAverage),
-                    ("continual_ties", ContinualTIES), ("magmax_running", MagMax), ("opcm", OPCM)):
+                    ("continual_ties", ContinualTIES), ("magmax_running", MagMax), ("opcm", OPCM),
+                    ("continual_ema", ContinualEMA)):
     CONTINUAL_MERGERS.add(_name, _cls)
 
 

@@ -291,7 +291,9 @@ def zero_shot_classifier(
 ) -> ZeroShotClassifier:
     """Load a CLIP model with :func:`load_open_clip` and wrap its image tower with a zero-shot head.
 
-    The text tower is used once to build the head and then dropped. The evaluation transform is kept
+    The text tower builds the head; it is not part of the classifier's modules (its state dict, parameters and
+    task vectors are the image tower's and the head's), but stays reachable as ``classifier.text_tower``
+    (a :class:`TextTower`, for methods that train both towers, such as C-CLIP). The evaluation transform is kept
     as ``classifier.preprocess``.
     """
     names = _check_strings(class_names, "class_names")
@@ -305,4 +307,14 @@ def zero_shot_classifier(
     # buffer, so the state dict is unchanged
     classifier.clip_source = {"model_name": model_name, "pretrained": pretrained, "model_cfg": model_cfg,
                               "device": device, "init_seed": init_seed}
+    classifier.text_tower = TextTower(model, tokenizer, tuple(templates))  # a plain attribute, not a submodule
     return classifier
+
+
+class TextTower:
+    """The whole CLIP model behind a :class:`ZeroShotClassifier` (its ``visual`` is the classifier's image
+    encoder, the same module), its tokenizer and the head's prompt templates. A plain object, so that nn.Module
+    does not register the text tower as a submodule of the classifier."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable[..., torch.Tensor], templates: tuple[str, ...]) -> None:
+        self.clip, self.tokenizer, self.templates = clip, tokenizer, templates

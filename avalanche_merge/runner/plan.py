@@ -18,6 +18,7 @@ from typing import Any
 from ..config import ConfigError, from_dict, substitute_variables
 from ..strategies.registry import TrainConfig
 from .analysis import AnalysisConfig, describe_analysis
+from .fomo import FomoConfig, describe_fomo
 from .precision import check_precision, resolve_device
 
 LOGGERS = ("interactive", "text", "csv", "tensorboard")
@@ -79,6 +80,8 @@ class ExperimentConfig:
         eval_pretrained: evaluate the model before any training (the pretrained/zero-shot reference row).
         analysis: record parameter geometry, representation drift and held-out retention per run (for
             ``avalanche-merge report``); absent: none of it is recorded.
+        fomo: the FoMo-in-Flux protocol (:mod:`avalanche_merge.runner.fomo`): ``A_KA``/``A_ZS``/``GM`` per step
+            from the zero-shot point, stream ordering, and a per-task compute budget; absent: not used.
     """
 
     benchmarks: list[BenchmarkEntry]
@@ -94,6 +97,7 @@ class ExperimentConfig:
     precision: str = "fp32"
     num_workers: int = 0
     pin_memory: bool | None = None
+    fomo: FomoConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -138,6 +142,7 @@ class RunPlan:
     precision: str = "fp32"
     num_workers: int = 0
     pin_memory: bool | None = None
+    fomo: FomoConfig | None = None
 
     def describe(self) -> dict:
         """The JSON-ready config of this run (what its hash covers; ``analysis`` only when present, the head
@@ -159,6 +164,8 @@ class RunPlan:
             out["prototypes"] = self.prototypes
         if self.precision != "fp32":
             out["precision"] = self.precision
+        if self.fomo is not None:  # absent by default: runs stored before the protocol keep their identity
+            out["fomo"] = describe_fomo(self.fomo)
         return out
 
     @property
@@ -263,6 +270,8 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
         n_exp = planned_experiences(boptions)
         if config.analysis is not None and config.analysis.held_out_domains:
             _check_held_out(bentry.name, bspec, boptions, config.analysis.held_out_domains, i)
+        if config.fomo is not None:
+            _check_held_out(bentry.name, bspec, boptions, config.fomo.held_out_domains, i, key="fomo")
         for j, (spec, moptions, label) in enumerate(methods):
             entry = config.methods[j]
             try:
@@ -276,6 +285,8 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
                     moptions.check_protocol(protocol)
                 if callable(getattr(moptions, "check_epochs", None)):  # schedules that need enough epochs
                     moptions.check_epochs(train.epochs)
+                if callable(getattr(moptions, "check_model", None)):  # methods that need a given backbone
+                    moptions.check_model(config.model.name, model_options)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"methods[{j}] ({label}) on benchmarks[{i}] ({bentry.name}): {exc}") from None
             prototypes = spec.prototypes if entry.prototypes is None else bool(entry.prototypes)
@@ -288,7 +299,7 @@ def plan_experiment(config: ExperimentConfig) -> list[RunPlan]:
                                     run_model_options, train, seed, tuple(config.loggers),
                                     resolve_device(config.device), config.eval_pretrained, config.analysis,
                                     protocol, prototypes, config.precision, config.num_workers,
-                                    config.pin_memory))
+                                    config.pin_memory, config.fomo))
     return runs
 
 
@@ -335,12 +346,12 @@ def head_for_protocol(protocol: str, model: str, options: Any, bspec: Any) -> An
     return dataclasses.replace(options, head="pretrained") if options.head == "auto" else options
 
 
-def _check_held_out(name: str, spec: Any, options: Any, domains: list[str], i: int) -> None:
+def _check_held_out(name: str, spec: Any, options: Any, domains: list[str], i: int, key: str = "analysis") -> None:
     if spec.held_out is None:
-        raise ConfigError(f"benchmarks[{i}]: {name!r} cannot build held-out domains (analysis.held_out_domains); "
+        raise ConfigError(f"benchmarks[{i}]: {name!r} cannot build held-out domains ({key}.held_out_domains); "
                           f"offline MNIST/digits benchmarks can")
     trained = set(getattr(options, "domains", None) or [])
     overlap = sorted(trained & set(domains))
     if overlap:
-        raise ConfigError(f"analysis.held_out_domains: {overlap[0]!r} is trained on in benchmarks[{i}] ({name}); "
+        raise ConfigError(f"{key}.held_out_domains: {overlap[0]!r} is trained on in benchmarks[{i}] ({name}); "
                           f"held-out tasks must never be trained on")

@@ -194,14 +194,34 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
                                    plan.analysis.held_out_samples) if plan.analysis.held_out_domains else None)
         analysis_plugins = make_analysis_plugins(plan.analysis, benchmark, held_out, plan.seed)
     try:
-        evaluator = make_evaluator(loggers, analysis_plugins)
         protocol_plugins = []
         if plan.protocol in ("masked", "per_task", "frozen"):
             from ..plugins.protocol import HeadProtocolPlugin
 
             protocol_plugins.append(HeadProtocolPlugin(protocol=plan.protocol, prototypes=plan.prototypes))
+        fomo_record, fomo_metric, budget_plugin, steps = None, None, None, None
+        if plan.fomo is not None:  # zero-shot point, stream order, measured budget; then re-seed (see budget.py)
+            from ..evaluation.continual import ContinualMetricsPluginMetric
+            from ..plugins.protocol import HeadProtocolPlugin
+            from .budget import prepare_fomo
+
+            fomo_held = BENCHMARKS.get(plan.benchmark).held_out(plan.benchmark_options, plan.seed,
+                                                               list(plan.fomo.held_out_domains),
+                                                               plan.fomo.held_out_samples)
+            probe_plugins = [HeadProtocolPlugin(protocol=plan.protocol, prototypes=plan.prototypes)
+                             for _ in protocol_plugins]
+            benchmark, fomo_record, steps = prepare_fomo(plan, benchmark, model, fomo_held, probe_plugins)
+            fomo_metric = ContinualMetricsPluginMetric(held_out=fomo_held, held_out_samples=plan.fomo.held_out_samples,
+                                                       seed=plan.seed)
+            analysis_plugins = [*analysis_plugins, fomo_metric]
+            seed_everything(plan.seed)
+        evaluator = make_evaluator(loggers, analysis_plugins)
         ctx = BuildContext(model=model, benchmark=benchmark, train=plan.train, evaluator=evaluator,
                            plugins=protocol_plugins, device=torch.device(plan.device), seed=plan.seed)
+        if steps is not None:
+            from .budget import with_budget
+
+            ctx, budget_plugin = with_budget(ctx, steps)
         spec = METHODS.get(plan.method)
         strategy = spec.build(ctx, plan.method_options)
         enable_mixed_precision(strategy, plan.precision)
@@ -237,10 +257,20 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
             if callable(getattr(p, "method_info", None))}
     if info:  # what a method reports about itself, e.g. the capacity each sparse task got
         extra["method_info"] = info
-    if analysis_plugins:
+    if plan.analysis is not None:
         from .analysis import analysis_record
 
-        extra["analysis"] = analysis_record(analysis_plugins)
+        extra["analysis"] = analysis_record([p for p in analysis_plugins if p is not fomo_metric])
+    if fomo_record is not None:
+        from .fomo import fomo_curves
+
+        continual = fomo_metric.result()
+        fomo_record.update(fomo_curves(fomo_record["zero_shot"], continual),
+                           held_out_names=list(plan.fomo.held_out_domains),
+                           held_out_accuracy=continual.get("held_out_accuracy"))
+        if budget_plugin is not None:
+            fomo_record["steps_taken"] = list(budget_plugin.steps_taken)
+        extra["fomo"] = fomo_record
     return {
         "run_id": plan.run_id,
         "status": "complete",

@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 from . import (
     baselines,  # noqa: F401 - registers Avalanche's baselines
+    cclip,  # noqa: F401 - registers C-CLIP (open_clip only)
     lora,  # noqa: F401 - registers the continual LoRA learners
     merging,  # noqa: F401 - registers the merging methods
     packnet,  # noqa: F401 - registers Avalanche's PackNet (task-incremental only)

@@ -11,6 +11,7 @@ method              merger                      start         reference
 ``continual_ties``  continual TIES 20%, 0.5     pretrained    Yadav et al., NeurIPS 2023; Tang et al.
 ``continual_avg``   running weight average      pretrained    Wortsman et al., ICML 2022
 ``magmax``          running max magnitude 0.5   previous      Marczak et al., ECCV 2024
+``continual_ema``   EMA of weights, w 0.5       merged        Roth et al. 2024 (FoMo-in-Flux)
 ``tsv_merge``       TSV-M over all so far       pretrained    Gargiulo et al., CVPR 2025
 ``iso_cts_merge``   Iso-CTS over all so far     pretrained    Marczak et al., ICML 2025
 ==================  ==========================  ============  ==========================================
@@ -103,6 +104,9 @@ _register("continual_ties", "continual_ties", "pretrained", "continual TIES merg
 _register("continual_avg", "continual_average", "pretrained", "running weight average of fine-tuned models")
 _register("magmax", "magmax_running", "previous",
           "MagMax: sequential fine-tuning + max-magnitude merge (Marczak et al. 2024)", scaling=0.5)
+_register("continual_ema", "continual_ema", "merged",
+          "EMA merge: fine-tune from the merged weights, then interpolate (FoMo-in-Flux, Roth et al. 2024)",
+          weight=0.5)
 _register("tsv_merge", "tsv", "pretrained", "TSV-M over all task vectors so far (Gargiulo et al. 2025)",
           scaling=1.0)
 _register("iso_cts_merge", "iso_cts", "pretrained", "Iso-CTS over all task vectors so far (Marczak et al. 2025)",

@@ -266,3 +266,23 @@ def test_cli_method_names_are_the_same_mergers_as_the_cli():
 def test_unknown_continual_merger_option_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"'alhpa'.*valid options: \['alpha', 'linear', 'project'\]"):
         make_merger("opcm", alhpa=0.3)
+def test_continual_ema_is_the_weight_ema():
+    # m_t = (1 - w) m_{t-1} + w tau_t from m_0 = 0: the closed form sum_t w (1 - w)^(T - t) tau_t
+    from avalanche_merge.merging import ContinualEMA
+
+    tvs, w = _tvs(3), 0.3
+    merged = merge_sequentially(ContinualEMA(weight=w), tvs)[-1]
+    expected = tvs[0] * (w * (1 - w) ** 2) + tvs[1] * (w * (1 - w)) + tvs[2] * w
+    _close(merged, expected)
+    # the newest task gets weight w, not 1 - w (a swapped interpolation would give it 0.7 here)
+    _close(merge_sequentially(ContinualEMA(weight=w), tvs[:1])[-1], tvs[0] * w)
+    assert isinstance(make_merger("continual_ema", weight=0.5), ContinualEMA)
+    with pytest.raises(ValueError, match="weight"):
+        ContinualEMA(weight=0.0)
+
+
+def test_continual_ema_method_trains_from_the_merged_weights():
+    from avalanche_merge.strategies import METHODS
+
+    cfg = METHODS.get("continual_ema").config_cls()
+    assert cfg.start == "merged" and cfg.merger_options() == {"weight": 0.5}
