@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import _line_styles, _pyplot
+from .plots import _pyplot
 
 
 def load_fomo_results(runs_dir: str | Path) -> list[dict]:
@@ -72,14 +72,18 @@ def fomo_markdown(rows: list[dict]) -> str:
 def plot_ka_zs(results: list[dict], path: str | Path, *, title: str = "", labels: list[str] | None = None) -> Path:
     """Seed-averaged (A_KA, A_ZS) after every step, one line per method, from the zero-shot point (star).
 
-    Dotted grey curves of constant geometric mean help read the trade-off. ``labels`` fixes the style of each
-    method by its position (pass the same list to every figure so that a method keeps its colour); labels not in
-    it follow. Saved to ``path`` (PNG or PDF).
+    Dotted grey curves of constant geometric mean help read the trade-off. Each method keeps the colour it has in
+    every other figure (:func:`~avalanche_merge.analysis.family_plots.method_style`); ``labels`` orders the legend
+    (labels not in it follow). Saved to ``path`` (PNG or PDF).
     """
+    from .family_plots import method_families, method_style
+
     plt = _pyplot()
     groups = _by_label(results)
-    order = [lab for lab in (labels or []) if lab] + [lab for lab in groups if lab not in (labels or [])]
-    styles = dict(zip(order, _line_styles(len(order)), strict=True))
+    order = [lab for lab in (labels or []) if lab in groups] + [lab for lab in groups if lab not in (labels or [])]
+    groups = {lab: groups[lab] for lab in order}
+    families = method_families({runs[0]["method"] for runs in groups.values()})
+    styles = {lab: method_style(runs[0]["method"], families[runs[0]["method"]], lab) for lab, runs in groups.items()}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     zero = None
     for label, runs in groups.items():
