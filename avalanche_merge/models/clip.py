@@ -297,16 +297,11 @@ def zero_shot_classifier(
     as ``classifier.preprocess``.
     """
     names = _check_strings(class_names, "class_names")
-    init_seed = torch.initial_seed()  # random weights (tests) are rebuilt identically from it
     model, preprocess, tokenizer = load_open_clip(model_name, pretrained=pretrained, device=device, model_cfg=model_cfg)
     head = build_zero_shot_head(model, tokenizer, names, templates, device=device, batch_size=batch_size)
     scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
     classifier = ZeroShotClassifier(model.visual, head, logit_scale=scale, class_names=names)
     classifier.preprocess = preprocess
-    # where the text tower comes from, for methods that re-encode class names (``zeroshot``); not a module or
-    # buffer, so the state dict is unchanged
-    classifier.clip_source = {"model_name": model_name, "pretrained": pretrained, "model_cfg": model_cfg,
-                              "device": device, "init_seed": init_seed}
     classifier.text_tower = TextTower(model, tokenizer, tuple(templates))  # a plain attribute, not a submodule
     return classifier
 

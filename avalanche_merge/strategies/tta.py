@@ -76,23 +76,18 @@ class ZeroShotStrategy(SupervisedTemplate):
 
 
 def _text_head(model: nn.Module, class_names: list[str], templates: tuple[str, ...]):
-    """``class_ids -> text-embedding rows`` from the open_clip text tower the backbone was built from."""
-    from ..models.clip import build_zero_shot_head, load_open_clip
+    """``class_ids -> text-embedding rows`` from the open_clip text tower the backbone keeps (``text_tower``)."""
+    from ..models.clip import build_zero_shot_head
 
-    source = getattr(model, "clip_source", None)
-    if source is None:
+    tower = getattr(model, "text_tower", None)
+    if tower is None:
         raise ValueError(f"zeroshot needs an open_clip backbone (a text tower); {type(model).__name__} has none "
                          f"(for the offline tiny_vit use 'pretrained_head')")
-    source = dict(source)
-    init_seed = source.pop("init_seed", None)
-    with torch.random.fork_rng(devices=[]):
-        if source["pretrained"] is None and init_seed is not None:  # random weights: the same draw as the backbone
-            torch.manual_seed(init_seed)
-        clip, _, tokenizer = load_open_clip(**source)
-    clip.visual = nn.Identity()  # only the text tower is used
 
     def rows(classes: list[int]) -> torch.Tensor:
-        return build_zero_shot_head(clip, tokenizer, [class_names[c] for c in classes], templates)
+        device = next(tower.clip.parameters()).device
+        return build_zero_shot_head(tower.clip, tower.tokenizer, [class_names[c] for c in classes], templates,
+                                    device=device)
 
     return rows
 
