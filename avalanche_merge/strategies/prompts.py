@@ -46,6 +46,20 @@ class PromptStrategy(SupervisedTemplate):
         restrict_optimizer(self, self.model.trainable_parameters())
 
 
+MODELS = {"l2p": L2PModel, "dualprompt": DualPromptModel, "coda_prompt": CodaPromptModel}
+
+
+def check_prompt_model(method: str, cfg: Any, backbone: torch.nn.Module, num_classes: int, n_tasks: int) -> None:
+    """Build ``method``'s prompted model on ``backbone`` (e.g. a meta-device skeleton) and remove its hooks again.
+
+    Raises:
+        TypeError: the backbone is not a supported ViT or its attention form is not supported.
+        ValueError: a prompted layer outside the model, a pool smaller than top-N, CODA components that do not fit.
+    """
+    extra = {} if method == "l2p" else {"n_tasks": n_tasks}
+    MODELS[method](backbone, num_classes, cfg, **extra).detach_backbone()
+
+
 def _strategy(ctx: BuildContext, model: PromptedViT, cfg: Any, *, pull: float = 0.0, cosine: bool = False,
               selection: bool = False) -> PromptStrategy:
     plugin = PromptPlugin(lr=cfg.effective_lr(ctx.train.batch_size), pull_weight=pull, clip_grad=cfg.clip_grad,

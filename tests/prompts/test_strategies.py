@@ -6,9 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
+from conftest import tiny_experiment
 
+import avalanche_merge.models.pretrain as pretrain_module
+from avalanche_merge.config import ConfigError
 from avalanche_merge.plugins.prompts import PromptPlugin
 from avalanche_merge.plugins.protocol import HeadProtocolPlugin
+from avalanche_merge.runner import load_experiment, plan_experiment
+from avalanche_merge.runner.preflight import preflight
 from avalanche_merge.strategies import METHODS
 from avalanche_merge.strategies.registry import BuildContext, TrainConfig
 
@@ -126,3 +131,16 @@ def test_fresh_optimizer_state_per_task():
     layer = strategy.model.coda.layers[0]
     ids = {id(p) for p in seen["params"]}
     assert id(layer.P[1]) in ids and id(layer.P[0]) not in ids
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"name": "dualprompt", "options": {"e_layers": [0, 3]}}, "e_layers index 3 is outside the model"),
+    ({"name": "coda_prompt", "options": {"layers": [1]}}, "layers index 1 is outside the model"),
+    ({"name": "coda_prompt", "options": {"components_per_task": 9}}, "orthogonal components"),
+    ({"name": "l2p", "options": {"pool_size": 3, "top_n": 4}}, "smaller than top-N"),
+])
+def test_bad_prompt_options_fail_at_plan_time_before_any_pretraining(entry, match, monkeypatch):
+    """The registered methods' bad input is refused by the runner's pre-flight on the meta-device skeleton."""
+    monkeypatch.setattr(pretrain_module, "pretrain_tiny_vit", lambda *a, **k: pytest.fail("pretraining started"))
+    with pytest.raises((ConfigError, ValueError), match=match):
+        preflight(plan_experiment(load_experiment(tiny_experiment([entry]))))
