@@ -9,6 +9,9 @@ GT-RIPL/CODA-Prompt) except where our models are smaller, which each field says:
 - CODA's 10 components per task need ``components x tasks <= key width`` (Gram-Schmidt): 10 x 5 tasks fits the
   64-wide TinyViT; by default a narrower model gets ``width // tasks``; an explicit value that does not fit is an
   error before training.
+- the head: the papers start a new head (ImageNet's does not fit CIFAR's labels); here it starts as the backbone's
+  own head when that fits (``head_init="backbone"``), as for every other method of the bench (``domain_mnist``
+  keeps the pretrained digit head, ``split_mnist`` resets it).
 - learning rates: L2P and DualPrompt use Adam at ``0.03 x batch / 256`` (constant, gradient norm clipped to 1),
   CODA Adam at 1e-3 with its cosine schedule over each task's epochs.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_range
+
+HEAD_INITS = ("backbone", "new")
 
 
 def _positive(name: str, value: object) -> None:
@@ -46,8 +51,11 @@ class _Optim:
     lr: float = 0.03
     scale_lr_by_batch: bool = True
     clip_grad: float | None = 1.0
+    head_init: str = "backbone"
 
     def _check_optim(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {list(HEAD_INITS)}, got {self.head_init!r}")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         if self.clip_grad is not None:
             check_range("clip_grad", self.clip_grad, 0.0, None, low_open=True)
@@ -70,6 +78,10 @@ class L2PConfig(_Optim):
         lr: Adam rate before batch scaling (0.03).
         scale_lr_by_batch: use ``lr x batch / 256``.
         clip_grad: gradient-norm clip (1.0), None for none.
+        head_init: ``"backbone"``: the new head starts as the backbone's linear head when it has one of the right
+            shape on the same features (TinyViT, timm; the bench's ``head`` option decides whether that is the
+            pretrained digit head or a seeded reset one), else a fresh one; ``"new"``: always fresh (the papers,
+            whose label spaces differ from the pretraining's).
     """
 
     pool_size: int = 10
@@ -104,6 +116,10 @@ class DualPromptConfig(_Optim):
         task_indexed: train with the task's E-prompt (the reference's ``use_prompt_mask``).
         init_from_previous: start a task's E-prompt from the previous task's (``shared_prompt_pool``).
         lr, scale_lr_by_batch, clip_grad: Adam at ``0.03 x batch / 256``, clip 1.0.
+        head_init: ``"backbone"``: the new head starts as the backbone's linear head when it has one of the right
+            shape on the same features (TinyViT, timm; the bench's ``head`` option decides whether that is the
+            pretrained digit head or a seeded reset one), else a fresh one; ``"new"``: always fresh (the papers,
+            whose label spaces differ from the pretraining's).
     """
 
     g_length: int = 5
@@ -143,6 +159,10 @@ class CodaPromptConfig(_Optim):
         cosine: CODA's cosine schedule over each task's epochs (``lr cos(99 pi e / (200 (E - 1)))``).
         lr: Adam rate (1e-3), not scaled by batch.
         clip_grad: None (the reference does not clip).
+        head_init: ``"backbone"``: the new head starts as the backbone's linear head when it has one of the right
+            shape on the same features (TinyViT, timm; the bench's ``head`` option decides whether that is the
+            pretrained digit head or a seeded reset one), else a fresh one; ``"new"``: always fresh (the papers,
+            whose label spaces differ from the pretraining's).
     """
 
     components_per_task: int | None = None

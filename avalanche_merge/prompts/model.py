@@ -54,10 +54,12 @@ class PromptedViT(nn.Module):
         prefix_layers: blocks whose attention gets prefixes.
         prompt_tokens: insert prompt tokens at the input.
         seed: seed of the prompt and head initialisation.
+        head_init: ``"backbone"``: copy the backbone's ``head`` when it is an ``nn.Linear(feature_dim, num_classes)``
+            on the same features (TinyViT, timm); ``"new"``: a fresh head.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, prefix_layers=(), prompt_tokens: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, head_init: str = "backbone") -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
@@ -72,6 +74,14 @@ class PromptedViT(nn.Module):
         with torch.no_grad():
             self.head.weight.uniform_(-(d**-0.5), d**-0.5, generator=self.generator)
             self.head.bias.zero_()
+            own = getattr(backbone, "head", None)
+            self.head_source = "new"
+            if (head_init == "backbone" and self.adapter.kind in ("tiny_vit", "timm") and isinstance(own, nn.Linear)
+                    and own.in_features == d and own.out_features == num_classes and own.bias is not None
+                    and own.weight.device.type != "meta"):
+                self.head.weight.copy_(own.weight)
+                self.head.bias.copy_(own.bias)
+                self.head_source = "backbone"
         self.task = 0
         self.last_pull: torch.Tensor | None = None
         self.last_selection: torch.Tensor | None = None
@@ -131,8 +141,9 @@ class L2PModel(PromptedViT):
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: L2PConfig | None = None, *,
                  seed: int = 0) -> None:
-        super().__init__(backbone, num_classes, prompt_tokens=True, seed=seed)
-        self.config = config = config or L2PConfig()
+        config = config or L2PConfig()
+        super().__init__(backbone, num_classes, prompt_tokens=True, seed=seed, head_init=config.head_init)
+        self.config = config
         self.pool = PromptPool(config.pool_size, self.feature_dim, (config.prompt_length, self.adapter.width),
                                top_n=config.top_n, batchwise=config.batchwise, generator=self.generator)
         self.n_prompt_tokens = config.top_n * config.prompt_length
@@ -169,7 +180,8 @@ class DualPromptModel(PromptedViT):
         if config.task_indexed and n_tasks * config.top_n > pool_size:
             raise ValueError(f"task-indexed training needs {n_tasks} x top_n {config.top_n} E-prompts; the pool has "
                              f"{pool_size}")
-        super().__init__(backbone, num_classes, prefix_layers=sorted(set(g) | set(e)), seed=seed)
+        super().__init__(backbone, num_classes, prefix_layers=sorted(set(g) | set(e)), seed=seed,
+                         head_init=config.head_init)
         self.config, self.g_layers, self.e_layers = config, g, e
         w = self.adapter.attn_dim
         self.g_prompt = nn.Parameter(torch.rand(len(g), 2, config.g_length, w, generator=self.generator) * 2 - 1)
@@ -213,7 +225,7 @@ class CodaPromptModel(PromptedViT):
         depth = _depth(backbone)
         layers = check_layers("layers", config.layers if config.layers is not None
                               else default_layers(PAPER_CODA_LAYERS, depth), depth)
-        super().__init__(backbone, num_classes, prefix_layers=layers, seed=seed)
+        super().__init__(backbone, num_classes, prefix_layers=layers, seed=seed, head_init=config.head_init)
         self.config = config
         per_task = config.components_per_task
         if per_task is None:

@@ -201,3 +201,21 @@ def test_coda_old_slices_unchanged_and_new_components_orthogonal():
 
 def test_l2_normalize_floors_tiny_norms():
     assert torch.equal(l2_normalize(torch.zeros(2, 3)), torch.zeros(2, 3))
+
+
+def test_head_starts_as_the_backbones_head_when_it_fits():
+    for kind in ("tiny_vit", "timm"):
+        backbone, _ = make_backbone(kind)
+        if kind == "timm":
+            backbone.reset_classifier(5)
+        else:
+            backbone.reset_head(5)
+        model = L2PModel(backbone, 5, L2PConfig(pool_size=4, prompt_length=2, top_n=2))
+        assert model.head_source == "backbone" and model.head is not backbone.head
+        assert torch.equal(model.head.weight, backbone.head.weight) and torch.equal(model.head.bias, backbone.head.bias)
+        fresh = L2PModel(backbone, 5, L2PConfig(pool_size=4, prompt_length=2, top_n=2, head_init="new"))
+        assert fresh.head_source == "new" and not torch.equal(fresh.head.weight, backbone.head.weight)
+    backbone, _ = make_backbone("open_clip")  # zero-shot head on normalised, scaled features: not copied
+    assert L2PModel(backbone, 3, L2PConfig(pool_size=4, prompt_length=2, top_n=2)).head_source == "new"
+    with pytest.raises(ValueError, match="head_init"):
+        L2PConfig(head_init="pretrained")
