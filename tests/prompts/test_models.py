@@ -159,6 +159,16 @@ def test_coda_weights_are_cosines_of_query_times_attention_with_keys():
     prompt = torch.einsum("bm,mlw->blw", alpha, layer.P[0])
     torch.testing.assert_close(torch.cat([pk, pv], 1), prompt)
     assert pk.shape == (3, 2, 32)
+    # after the next task's slice is added, the weights and the sum run over every slice (old ones included)
+    model.begin_task(1)
+    alpha = layer.weights(q)
+    assert alpha.shape == (3, 6)
+    K, A, P = (torch.cat([t.detach() for t in plist]) for plist in (layer.K, layer.A, layer.P))
+    expected = (l2_normalize(q[:, None] * A[None]) * l2_normalize(K)[None]).sum(-1)
+    torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-6)
+    pk, pv = layer(q)
+    torch.testing.assert_close(torch.cat([pk, pv], 1), torch.einsum("bm,mlw->blw", expected, P), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_coda_old_slices_unchanged_and_new_components_orthogonal():
