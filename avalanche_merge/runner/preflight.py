@@ -23,8 +23,9 @@ def _key(options: Any) -> str:
     return json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
 
 
-def _shapes(plans: list[RunPlan]) -> dict[tuple[str, str], tuple[tuple[int, int, int], int]]:
-    """``(input_shape, num_classes)`` of each distinct benchmark config (built once, with the first seed)."""
+def _shapes(plans: list[RunPlan], tasks: dict | None = None) -> dict[tuple[str, str], tuple[tuple[int, int, int], int]]:
+    """``(input_shape, num_classes)`` of each distinct benchmark config (built once, with the first seed); the
+    number of experiences goes to ``tasks`` if given."""
     from ..benchmarks import BENCHMARKS
 
     out: dict[tuple[str, str], tuple[tuple[int, int, int], int]] = {}
@@ -37,6 +38,8 @@ def _shapes(plans: list[RunPlan]) -> dict[tuple[str, str], tuple[tuple[int, int,
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
             raise ConfigError(f"benchmark {plan.benchmark!r}: {exc}") from None
         out[key] = (tuple(bench.input_shape), int(bench.num_classes))
+        if tasks is not None:
+            tasks[key] = int(bench.n_experiences)
     return out
 
 
@@ -91,6 +94,21 @@ def _check_targets(plan: RunPlan, model: Any) -> None:
             raise ConfigError(f"methods ({plan.label}).options.parameters on {plan.benchmark}: {exc}") from None
 
 
+def _check_prompts(plan: RunPlan, model: Any, num_classes: int, n_tasks: int) -> None:
+    """Prompt methods: the prompted layers exist, the attention form is supported, the pools and CODA's components
+    fit (the prompted model is built on the meta-device skeleton, then its hooks are removed)."""
+    from ..strategies import METHODS
+
+    if METHODS.get(plan.method).family != "prompt":
+        return
+    from ..strategies.prompts import check_prompt_model
+
+    try:
+        check_prompt_model(plan.method, plan.method_options, model, num_classes, n_tasks)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"methods ({plan.label}).options on {plan.model} / {plan.benchmark}: {exc}") from None
+
+
 def _check_analysis(plan: RunPlan, model: Any) -> None:
     """Analysis layers must be modules of the model; drift cannot probe a routed model (tasks run apart)."""
     from ..strategies import METHODS
@@ -134,11 +152,13 @@ def preflight(plans: list[RunPlan]) -> None:
     """
     if not plans:
         return
-    shapes = _shapes(plans)
+    tasks: dict = {}
+    shapes = _shapes(plans, tasks)
     skeletons = _skeletons(plans, shapes)
     for plan in plans:
         shape = shapes[(plan.benchmark, _key(plan.benchmark_options))]
         model = skeletons[(plan.model, _key(plan.model_options), shape)]
         if model is not None:
             _check_targets(plan, model)
+            _check_prompts(plan, model, shape[1], tasks[(plan.benchmark, _key(plan.benchmark_options))])
         _check_analysis(plan, model)

@@ -13,6 +13,7 @@ from . import (
     lora,  # noqa: F401 - registers the continual LoRA learners
     merging,  # noqa: F401 - registers the merging methods
     packnet,  # noqa: F401 - registers Avalanche's PackNet (task-incremental only)
+    prompts,  # noqa: F401 - registers L2P, DualPrompt and CODA-Prompt
     prototypes,  # noqa: F401 - registers NCM and RanPAC
     routed,  # noqa: F401 - registers CoLoR and Proteus
     sparse,  # noqa: F401 - registers the sparse fine-tuning methods

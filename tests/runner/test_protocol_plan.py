@@ -11,7 +11,8 @@ from avalanche_merge.strategies import METHODS, list_methods
 PAPER = {"naive": "shared", "ewc": "shared", "lwf": "shared", "replay": "shared", "joint": "shared",
          "slda": "prototype", "ncm": "prototype", "ranpac": "prototype", "color": "routed", "proteus": "routed",
          "opcm": "frozen", "magmax": "frozen", "lora": "masked", "olora": "masked", "sdlora": "masked",
-         "inflora": "per_task", "gpm_lora": "per_task", "gpm": "per_task", "cllora": "per_task"}
+         "inflora": "per_task", "gpm_lora": "per_task", "gpm": "per_task", "cllora": "per_task",
+         "l2p": "masked", "dualprompt": "masked", "coda_prompt": "masked"}
 DOMAIN = {"name": "domain_mnist", "options": {"domains": ["rotate_90", "flip_lr"], "train_per_domain": 50,
                                                "test_per_domain": 20}}
 
