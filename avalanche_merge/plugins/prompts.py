@@ -51,7 +51,7 @@ class PromptPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = strategy.model
         model.begin_task(int(strategy.experience.current_experience))
-        restrict_optimizer(strategy, model.trainable_parameters(), self.lr)
+        restrict_optimizer(strategy, model.trainable_parameters(), self.lr, reset_state=True)  # fresh per task
 
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         if self.cosine:
