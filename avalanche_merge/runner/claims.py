@@ -10,10 +10,11 @@ leaves the run alone, unless it is *stale*:
 - its modification time is more than ``ttl`` seconds old (no heartbeat: the holder or its host died, or the
   file system lost it): stale on any host.
 
-A stale claim is taken over: renamed to a unique name (only one of several workers racing for it succeeds), then
-the run is claimed anew. The claim is removed when the run ends (completed or failed). Compared with the
-per-run ``flock`` of :mod:`.store` (also taken; the kernel drops it when its holder dies, but only on one
-machine, and some network file systems do not share it), claims work across hosts and say who holds a run.
+A stale claim is taken over: under a short take-over lock (``.claim-takeover``, created the same way), it is
+renamed to a unique name, then the run is claimed anew; of several workers racing for it, one gets it. The
+claim is removed when the run ends (completed or failed). Compared with the per-run ``flock`` of :mod:`.store`
+(also taken; the kernel drops it when its holder dies, but only on one machine, and some network file systems do
+not share it), claims work across hosts and say who holds a run.
 
 Choose ``ttl`` well above the clock skew between hosts and the longest pause of a live worker (swap, a
 suspended job): a holder silent for longer than ``ttl`` loses its run to another worker, which then computes it
@@ -111,23 +112,36 @@ def _create(path: Path, record: dict) -> bool:
         os.unlink(tmp)
 
 
-def _take_over(path: Path, stale: ClaimState) -> None:
-    """Move the stale claim at ``path`` aside; if it turns out to be another worker's fresh claim (it took over
-    first), put it back."""
-    grave = path.with_name(f".claim-expired-{uuid.uuid4().hex}")
+def _take_over(path: Path, stale: ClaimState, ttl: float) -> None:
+    """Move the stale claim at ``path`` aside, holding the folder's take-over lock (a file created like a claim)
+    so that workers racing for it do not move each other's fresh claims; a moved claim that is not the one
+    judged stale (released and re-created meanwhile) is put back."""
+    lock = path.with_name(".claim-takeover")
+    if not _create(lock, _me()):
+        with contextlib.suppress(FileNotFoundError):  # a taker that died within these few lines
+            if time.time() - os.stat(lock).st_mtime > min(ttl, 60.0):
+                lock.unlink(missing_ok=True)
+        return
     try:
-        os.rename(path, grave)
-    except FileNotFoundError:
-        return  # another worker moved it first
-    try:
-        moved = json.loads(grave.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        moved = None
-    judged = (stale.holder or {}).get("token")
-    if isinstance(moved, dict) and moved.get("token") != judged:
-        with contextlib.suppress(FileExistsError, OSError):
-            os.link(grave, path)  # not the claim we judged stale: restore it
-    grave.unlink(missing_ok=True)
+        judged = (stale.holder or {}).get("token")
+        now = read_claim(path, ttl)
+        if now.status != "stale" or (now.holder or {}).get("token") != judged:
+            return
+        grave = path.with_name(f".claim-expired-{uuid.uuid4().hex}")
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(grave.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moved = None
+        if isinstance(moved, dict) and moved.get("token") != judged:
+            with contextlib.suppress(OSError):
+                os.link(grave, path)  # not the claim judged stale: restore it
+        grave.unlink(missing_ok=True)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 class Claim:
@@ -190,5 +204,5 @@ def try_claim(folder: Path, *, ttl: float = DEFAULT_TTL_S) -> Claim | None:
         if state.status == "live":
             return None
         if state.status == "stale":
-            _take_over(path, state)
+            _take_over(path, state, ttl)
     return None

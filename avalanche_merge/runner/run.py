@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
+import socket
 import sys
 import threading
 import time
@@ -253,6 +255,7 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         "peak_rss_mb": rss["peak_mb"],
         "trainable_params": _count_trained(strategy),
         "versions": package_versions(),
+        "worker": {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()},
         "argv": sys.argv,
         "benchmark_info": benchmark.info,
         **extra,
