@@ -169,7 +169,7 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
     from ..strategies import METHODS
     from ..strategies.registry import BuildContext
 
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(plan.seed)
     benchmark = BENCHMARKS.get(plan.benchmark).build(plan.benchmark_options, plan.seed)
@@ -252,6 +252,7 @@ def execute_run(plan: RunPlan, run_dir: Path) -> dict:
         "eval_time_s": eval_time,  # every evaluation of the test stream, the pretrained row included
         "setup_time_s": setup_time,  # data, model, loggers and strategy built before the first evaluation
         "wall_time_s": time.perf_counter() - wall0,
+        "cpu_time_s": time.process_time() - cpu0,  # every thread of the worker: comparable on a busy machine
         "peak_rss_mb": rss["peak_mb"],
         "trainable_params": _count_trained(strategy),
         "versions": package_versions(),

@@ -52,7 +52,8 @@ def check_result(result: object, require: tuple[str, ...] = ()) -> dict:
         for v in row:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= 1.0):
                 raise CorruptResult(f"accuracy_matrix holds {v!r}, not an accuracy in [0, 1]")
-    for key in ("train_time_s", "wall_time_s", "eval_time_s", "setup_time_s", "peak_rss_mb", "trainable_params"):
+    for key in ("train_time_s", "wall_time_s", "eval_time_s", "setup_time_s", "cpu_time_s", "peak_rss_mb",
+                "trainable_params"):
         v = result.get(key, 0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise CorruptResult(f"{key} is {v!r}, not a finite number")

@@ -24,8 +24,9 @@ from ..atomic import atomic_path
 from ..evaluation.matrix import summarize_matrix
 
 VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "eval_time_s",
-           "setup_time_s", "wall_time_s", "peak_rss_mb", "retrieval_acc", "within_task_acc")
-TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s", "wall_time_s", "peak_rss_mb")  # vary between machines
+           "setup_time_s", "wall_time_s", "cpu_time_s", "peak_rss_mb", "retrieval_acc", "within_task_acc")
+# what varies with the machine and its load, not with the config
+TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s", "wall_time_s", "cpu_time_s", "peak_rss_mb")
 CONSTANT = ("trainable_params", "n_experiences")
 PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "retrieval_acc", "within_task_acc")
 RETRIEVAL_KEY = "RetrievalAcc_Stream/eval_phase/test_stream"  # after the last experience, over the whole stream
@@ -41,6 +42,7 @@ def _run_values(result: dict) -> dict:
         "train_time_s": result["train_time_s"], "wall_time_s": result["wall_time_s"],
         # per-run overhead (runs stored before they were recorded have none)
         "eval_time_s": result.get("eval_time_s"), "setup_time_s": result.get("setup_time_s"),
+        "cpu_time_s": result.get("cpu_time_s"),
         "peak_rss_mb": result["peak_rss_mb"], "trainable_params": result["trainable_params"],
         "n_experiences": len(result["accuracy_matrix"][0]),
         "retrieval_acc": (result.get("avalanche_metrics") or {}).get(RETRIEVAL_KEY),
