@@ -302,3 +302,15 @@ def test_unknown_submitit_parameters_are_refused_before_submission(tmp_path, cap
                  "--executor-param", "no_such_parameter=1"])
     assert code == 2 and "no_such_parameter" in capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_run_records_and_the_summary_split_time_into_training_evaluation_and_setup(sequential):
+    for result in _runs(sequential).values():
+        parts = [result[k] for k in ("train_time_s", "eval_time_s", "setup_time_s")]
+        assert all(p > 0 for p in parts) and sum(parts) <= result["wall_time_s"]  # disjoint parts of the wall time
+        assert result["cpu_time_s"] > 0 and result["worker"]["pid"] == os.getpid()
+    with open(sequential / "summary.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    for key in ("train_time_s", "eval_time_s", "setup_time_s", "cpu_time_s"):
+        assert float(row[f"{key}_mean"]) > 0
+    assert "eval_time_s" in (sequential / "summary.md").read_text()
