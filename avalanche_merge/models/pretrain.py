@@ -222,7 +222,7 @@ def pretrained_tiny_vit(config: PretrainConfig | None = None, *, cache_dir: str 
     path = check_cache_dir(cache_dir) / f"tiny_vit-{config.fingerprint()}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     # one process pretrains; others (workers of a parallel grid) wait for it and then load its checkpoint
-    with folder_lock(path.with_name(path.name + ".lock")):
+    with folder_lock(path.with_name(f".{path.name}.lock")):  # hidden: the cache lists checkpoints only
         return _load_or_pretrain(config, path, progress)
 
 
