@@ -14,7 +14,7 @@ git clone -q --no-checkout "$repo" "$work/clone"
 git -C "$work/clone" checkout -q "$(git -C "$repo" rev-parse HEAD)"
 cd "$work/clone"
 export PYTHONPATH="$work/clone" AVALANCHE_MERGE_CACHE="$work/cache"
-echo "clone: $work/clone (commit $(git rev-parse --short HEAD)); cache: $AVALANCHE_MERGE_CACHE (empty); $(nproc) cores"
+echo "clone: $work/clone (commit $(git rev-parse --short HEAD)); cache: $AVALANCHE_MERGE_CACHE (empty); $(getconf _NPROCESSORS_ONLN) cores"
 /usr/bin/time -v -o "$work/time.txt" "$python" -m avalanche_merge.cli bench --quiet --out "$work/bench" "$@"
 grep -E "Elapsed|User time|System time|Percent of CPU|Maximum resident" "$work/time.txt"
 "$python" - "$work/bench/summary.csv" <<'PY'

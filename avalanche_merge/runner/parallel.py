@@ -16,6 +16,8 @@ results folder (:mod:`.claims`), so any mix of ``--jobs`` pools, ``--shard`` wor
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import multiprocessing
 import os
 import re
@@ -29,7 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from .plan import RunPlan
+from .plan import ExperimentConfig, RunPlan, plan_experiment
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -116,10 +118,30 @@ def _init_worker(threads: int) -> None:
     threadpool_limits(limits=threads)
 
 
-def _work(plan: RunPlan, out: str, wait_for_others: bool, claim_ttl: float) -> dict | None:
+_PLANS: dict[str, dict[str, RunPlan]] = {}  # a worker's plans, by config
+
+
+def _worker_plan(config: ExperimentConfig, run_id: str) -> RunPlan:
+    """``run_id``'s plan, planned in the worker from the config (plans hold options classes that registries make
+    at run time, which cannot be pickled; the config can)."""
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    if key not in _PLANS:
+        _PLANS[key] = {p.run_id: p for p in plan_experiment(config)}
+    return _PLANS[key][run_id]
+
+
+def task_args(config: ExperimentConfig, plan: RunPlan, out: Path, wait_for_others: bool, claim_ttl: float) -> tuple:
+    """What is sent to a worker for ``plan``: picklable (the config and the run id, not the plan)."""
+    return config, plan.run_id, str(out), wait_for_others, claim_ttl
+
+
+def _work(config: ExperimentConfig, run_id: str, out: str, wait_for_others: bool, claim_ttl: float) -> bool:
+    """A pool task: True when the run is stored (computed here or by another worker), False while another
+    worker holds it; the parent reads the stored result."""
     from .suite import attempt_run
 
-    return attempt_run(plan, Path(out), progress=False, wait=wait_for_others, claim_ttl=claim_ttl)
+    plan = _worker_plan(config, run_id)
+    return attempt_run(plan, Path(out), progress=False, wait=wait_for_others, claim_ttl=claim_ttl) is not None
 
 
 def _stop_workers(executor: ProcessPoolExecutor) -> None:
@@ -134,9 +156,11 @@ def _stop_workers(executor: ProcessPoolExecutor) -> None:
             proc.terminate()
 
 
-def run_pool(plans: list[RunPlan], out: Path, *, jobs: int, threads: int | None, progress: bool, keep_going: bool,
-             claim_ttl: float, desc: str, done: dict[str, dict], failures: list[tuple[str, str]]) -> None:
-    """Run ``plans`` on ``jobs`` worker processes; fills ``done`` (run id -> result) and ``failures``.
+def run_pool(config: ExperimentConfig, plans: list[RunPlan], out: Path, *, jobs: int, threads: int | None,
+             progress: bool, keep_going: bool, claim_ttl: float, done: dict[str, dict],
+             failures: list[tuple[str, str]]) -> None:
+    """Run ``plans`` (of ``config``) on ``jobs`` worker processes; fills ``done`` (run id -> result) and
+    ``failures``.
 
     Stored runs are read here without starting a worker. Runs another worker holds are tried again, waiting for
     them, once the free ones are done. A failing run stops the pool (queued runs are cancelled, running ones
@@ -154,14 +178,15 @@ def run_pool(plans: list[RunPlan], out: Path, *, jobs: int, threads: int | None,
             todo.append(plan)
     if not todo:
         return
-    bar = tqdm(total=len(plans), initial=len(done), desc=desc, unit="run", disable=not progress)
+    bar = tqdm(total=len(plans), initial=len(done), desc=config.name, unit="run", disable=not progress)
     executor = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(threads,))
     if progress:
         tqdm.write(f"{min(jobs, len(todo))} worker processes, {threads} thread(s) each, {len(todo)} runs to compute")
     try:
         for wait_for_others in (False, True):
-            futures = {executor.submit(_work, plan, str(out), wait_for_others, claim_ttl): plan for plan in todo}
+            futures = {executor.submit(_work, *task_args(config, plan, out, wait_for_others, claim_ttl)): plan
+                       for plan in todo}
             todo = []
             pending = set(futures)
             while pending:
@@ -169,7 +194,7 @@ def run_pool(plans: list[RunPlan], out: Path, *, jobs: int, threads: int | None,
                 for future in finished:
                     plan = futures[future]
                     try:
-                        result = future.result()
+                        stored = future.result()
                     except BrokenProcessPool:
                         raise RuntimeError("a worker process died (killed, or out of memory); the runs it held are "
                                            "released, run the same command again to resume") from None
@@ -180,6 +205,7 @@ def run_pool(plans: list[RunPlan], out: Path, *, jobs: int, threads: int | None,
                             executor.shutdown(wait=True, cancel_futures=True)
                             raise
                         continue
+                    result = load_result(out, plan) if stored else None
                     if result is None:
                         todo.append(plan)
                         tqdm.write(f"  {plan.run_id}: another worker is computing it; its result is read when it "

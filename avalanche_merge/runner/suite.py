@@ -142,8 +142,8 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path = "results", *,
     failures: list[tuple[str, str]] = []
     try:
         if jobs > 1:
-            run_pool(plans, out, jobs=jobs, threads=threads, progress=progress, keep_going=keep_going,
-                     claim_ttl=claim_ttl, desc=config.name, done=done, failures=failures)
+            run_pool(config, plans, out, jobs=jobs, threads=threads, progress=progress, keep_going=keep_going,
+                     claim_ttl=claim_ttl, done=done, failures=failures)
         else:
             with thread_limit(threads):
                 _run_here(plans, out, progress=progress, keep_going=keep_going, claim_ttl=claim_ttl,

@@ -314,3 +314,17 @@ def test_run_records_and_the_summary_split_time_into_training_evaluation_and_set
     for key in ("train_time_s", "eval_time_s", "setup_time_s", "cpu_time_s"):
         assert float(row[f"{key}_mean"]) > 0
     assert "eval_time_s" in (sequential / "summary.md").read_text()
+
+
+def test_pool_tasks_of_every_method_can_be_sent_to_a_worker_which_plans_the_same_run(tmp_path):
+    """Plans hold options classes the registries make at run time (not picklable): workers get the config and
+    the run id and plan the run themselves (a bench with --jobs once died on continual_ta's options)."""
+    import pickle
+
+    from avalanche_merge.runner.bench import bench_config
+    from avalanche_merge.runner.parallel import _worker_plan, task_args
+
+    config = bench_config(full=True, seeds=1)
+    for plan in plan_experiment(config):
+        sent_config, run_id, *_ = pickle.loads(pickle.dumps(task_args(config, plan, tmp_path, False, 60.0)))
+        assert _worker_plan(sent_config, run_id).describe() == plan.describe()
