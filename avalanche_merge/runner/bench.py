@@ -71,7 +71,7 @@ def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks
 
 
 MAX_DEFAULT_JOBS = 8
-WORKER_MEMORY_GB = 1.5  # a bench worker peaks well under this (see docs/guide/running_grids.md)
+WORKER_MEMORY_GB = 2.0  # a bench worker peaks well under this (see docs/guide/running_grids.md)
 
 
 def default_bench_jobs() -> int:
