@@ -5,7 +5,7 @@ import json
 from conftest import tiny_experiment
 
 from avalanche_merge.cli import main
-from avalanche_merge.runner.bench import bench_config
+from avalanche_merge.runner.bench import QUICK_METHODS, bench_config
 from avalanche_merge.strategies import list_methods
 
 
@@ -35,8 +35,8 @@ def test_run_writes_summary_and_prints_table(tmp_path, capsys):
     assert (tmp_path / "out" / "summary.md").is_file()
 
 
-def test_bench_suite_covers_every_bench_method_and_three_seeds():
-    config = bench_config()
+def test_full_bench_covers_every_bench_method_and_three_seeds():
+    config = bench_config(full=True)
     assert [m.name for m in config.methods] == list_methods(bench_only=True)
     assert {b.name for b in config.benchmarks} == {"split_mnist", "domain_mnist"}
     assert config.seeds == [0, 1, 2]
@@ -71,3 +71,26 @@ def test_bad_figure_format_is_refused_before_any_work(tmp_path, capsys):
         main(["report", str(tmp_path), "--format", "png,jpg"])
     assert exc.value.code == 2
     assert "png, pdf, svg" in capsys.readouterr().err
+
+
+def test_default_bench_covers_every_family_and_the_avalanche_baselines_with_three_seeds():
+    from avalanche_merge.strategies import METHODS
+
+    quick = [m.name for m in bench_config().methods]
+    assert quick == list(QUICK_METHODS) and len(quick) < len(list_methods(bench_only=True))
+    families = {METHODS.get(m).family for m in list_methods(bench_only=True)}
+    assert families == {METHODS.get(m).family for m in quick}  # a new family needs a representative here
+    assert {"naive", "ewc", "lwf", "replay", "joint"} <= set(quick)
+    assert bench_config().seeds == [0, 1, 2]
+
+
+def test_default_bench_runs_keep_the_ids_of_the_stored_bench_results():
+    """The quick bench plans exactly the runs the full bench stored (same configs, same hashes), so stored results
+    are reused and the two tables agree."""
+    from pathlib import Path
+
+    from avalanche_merge.runner import plan_experiment
+
+    stored = {p.name for p in (Path(__file__).parents[1] / "experiments/results/bench/runs").iterdir()}
+    quick = {p.run_id for p in plan_experiment(bench_config())}
+    assert len(quick) == 2 * 3 * len(QUICK_METHODS) and quick <= stored

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, folder_problem
+from ..atomic import atomic_path, folder_lock, folder_problem
 from ..benchmarks.data import PARTITION_SEED, PRETRAIN_PER_CLASS, mnist_pretrain_pool
 from .vit import TinyViT, TinyViTConfig
 
@@ -220,6 +220,13 @@ def pretrained_tiny_vit(config: PretrainConfig | None = None, *, cache_dir: str 
     """
     config = config or PretrainConfig()
     path = check_cache_dir(cache_dir) / f"tiny_vit-{config.fingerprint()}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one process pretrains; others (workers of a parallel grid) wait for it and then load its checkpoint
+    with folder_lock(path.with_name(f".{path.name}.lock")):  # hidden: the cache lists checkpoints only
+        return _load_or_pretrain(config, path, progress)
+
+
+def _load_or_pretrain(config: PretrainConfig, path: Path, progress: bool) -> tuple[TinyViT, dict]:
     model = TinyViT(config.vit)
     if path.is_file():
         try:

@@ -1,7 +1,11 @@
-"""The main job: every bench-enabled registered method on every offline benchmark, several seeds.
+"""The main job: representative methods of every family (or, with ``full``, every bench-enabled registered
+method) on every offline benchmark, several seeds.
 
-The suite is built from the registries at call time, so a method registered by any module appears here
-without editing this file.
+The full suite is built from the registries at call time, so a method registered by any module appears in it
+without editing this file. The default (quick) suite is :data:`QUICK_METHODS`: the Avalanche baselines and one or
+two methods per avalanche-merge family, chosen for coverage at low cost; a test checks that every family of the
+registry is represented. Both suites use the same run configs, so their runs share ids and a quick bench's runs
+are reused by a full one in the same folder.
 """
 
 from __future__ import annotations
@@ -17,18 +21,37 @@ BENCH_BENCHMARKS = {
 }
 
 
+QUICK_METHODS = (
+    "naive", "ewc", "lwf", "replay", "joint",  # Avalanche baselines: lower bound, regularisers, replay, upper bound
+    "continual_ta", "opcm",  # merging: running task arithmetic, and the projection-based merger
+    "sdlora",  # LoRA learners
+    "sparse_fisher",  # sparse fine-tuning
+    "ncm", "ranpac",  # retrieval / prototypes on frozen pretrained features
+    "dualprompt",  # prompt-based (the cheapest of the three per step)
+    "tent",  # test-time adaptation (TTACIL costs 8 augmented views and a step per test batch)
+    "pretrained_head",  # zero-shot-like: the pretrained head, never trained
+)
+
+
+def bench_methods(*, full: bool = False) -> list[str]:
+    """The methods of ``avalanche-merge bench``: :data:`QUICK_METHODS`, or every method with ``in_bench``."""
+    from ..strategies import list_methods
+
+    everything = list_methods(bench_only=True)
+    return everything if full else [m for m in QUICK_METHODS if m in everything]
+
+
 def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks: list[str] | None = None,
-                 epochs: int = 2) -> ExperimentConfig:
+                 epochs: int = 2, full: bool = False) -> ExperimentConfig:
     """The ``avalanche-merge bench`` experiment.
 
     Args:
         seeds: number of seeds (0, 1, ..., seeds-1), >= 1.
-        methods: restrict to these registered methods (default: every method with ``in_bench``).
+        methods: these registered methods (default: :func:`bench_methods`).
         benchmarks: restrict to these offline benchmarks (default: ``split_mnist`` and ``domain_mnist``).
         epochs: epochs per experience.
+        full: without ``methods``, every method with ``in_bench`` instead of the quick selection.
     """
-    from ..strategies import list_methods
-
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
     try:
@@ -39,7 +62,7 @@ def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks
     unknown = [b for b in names if b not in BENCH_BENCHMARKS]
     if unknown:
         raise ConfigError(f"unknown bench benchmark {unknown[0]!r}; valid: {sorted(BENCH_BENCHMARKS)}")
-    chosen = methods or list_methods(bench_only=True)
+    chosen = methods or bench_methods(full=full)
     return ExperimentConfig(
         name="bench",
         benchmarks=[BenchmarkEntry(name=b, options=dict(BENCH_BENCHMARKS[b]["options"]),
@@ -48,3 +71,18 @@ def bench_config(*, seeds: int = 3, methods: list[str] | None = None, benchmarks
         seeds=list(range(seeds)),
         train=train,
     )
+
+
+MAX_DEFAULT_JOBS = 8
+WORKER_MEMORY_GB = 2.0  # a bench worker peaks well under this (see docs/guide/running_grids.md)
+
+
+def default_bench_jobs() -> int:
+    """``--jobs`` of ``avalanche-merge bench`` when not given: this machine's cores, at most
+    :data:`MAX_DEFAULT_JOBS` and at most one worker per :data:`WORKER_MEMORY_GB` of available memory."""
+    import psutil
+
+    from .parallel import available_cores
+
+    by_memory = int(psutil.virtual_memory().available / 2**30 / WORKER_MEMORY_GB)
+    return max(1, min(available_cores(), MAX_DEFAULT_JOBS, by_memory))

@@ -15,17 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock
-    fcntl = None
+from ..atomic import folder_lock
 
 REQUIRED = ("status", "accuracy_matrix", "benchmark", "label", "seed", "method")
 TEMP_PREFIX = ".tmp-"
@@ -60,7 +52,8 @@ def check_result(result: object, require: tuple[str, ...] = ()) -> dict:
         for v in row:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= 1.0):
                 raise CorruptResult(f"accuracy_matrix holds {v!r}, not an accuracy in [0, 1]")
-    for key in ("train_time_s", "wall_time_s", "peak_rss_mb", "trainable_params"):
+    for key in ("train_time_s", "wall_time_s", "eval_time_s", "setup_time_s", "cpu_time_s", "peak_rss_mb",
+                "trainable_params"):
         v = result.get(key, 0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise CorruptResult(f"{key} is {v!r}, not a finite number")
@@ -99,29 +92,6 @@ def stored_results(out_dir: Path, *, warn=None) -> list[dict]:
             continue
         results.append(result)
     return results
-
-
-@contextmanager
-def folder_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed); yields False when ``blocking`` is False and
-    another process holds it. Released when the block ends or the process dies."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            except OSError as exc:  # a file system without flock
-                warnings.warn(f"cannot lock {path} ({exc}); concurrent runners may repeat work", stacklevel=3)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
-        yield True
-    finally:
-        os.close(fd)
 
 
 def run_lock(out_dir: Path, run_id: str, *, blocking: bool = False):

@@ -4,7 +4,9 @@ Accuracy metrics are recomputed from each run's stored accuracy matrix (never re
 the same function as ``avalanche-merge report``, so the two can never disagree. Metrics that vary over seeds get
 ``_mean`` and ``_std`` columns (sample standard deviation, 0 for one seed); values that are the same for every
 seed (e.g. ``trainable_params``) get one column. Accuracies are fractions in [0, 1] in the CSV and percentages in
-the markdown table.
+the markdown table. Time per run is split into training (``train_time_s``), evaluation of the test stream
+(``eval_time_s``, the pretrained row included) and set-up before the first evaluation (``setup_time_s``: data,
+model, strategy); ``wall_time_s`` is their sum plus bookkeeping.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import numpy as np
 from ..atomic import atomic_path
 from ..evaluation.matrix import summarize_matrix
 
-VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "wall_time_s",
-           "peak_rss_mb", "retrieval_acc", "within_task_acc")
+VARYING = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "eval_time_s",
+           "setup_time_s", "wall_time_s", "cpu_time_s", "peak_rss_mb", "retrieval_acc", "within_task_acc")
+# what varies with the machine and its load, not with the config
+TIMINGS = ("train_time_s", "eval_time_s", "setup_time_s", "wall_time_s", "cpu_time_s", "peak_rss_mb")
 CONSTANT = ("trainable_params", "n_experiences")
 PERCENT = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "retrieval_acc", "within_task_acc")
 RETRIEVAL_KEY = "RetrievalAcc_Stream/eval_phase/test_stream"  # after the last experience, over the whole stream
@@ -36,6 +40,9 @@ def _run_values(result: dict) -> dict:
         "final_acc": m["final_acc"], "avg_inc_acc": m["avg_inc_acc"], "bwt": m["bwt"],
         "forgetting": m["forgetting"], "pretrained_acc": float(np.mean(pre)) if pre else None,
         "train_time_s": result["train_time_s"], "wall_time_s": result["wall_time_s"],
+        # per-run overhead (runs stored before they were recorded have none)
+        "eval_time_s": result.get("eval_time_s"), "setup_time_s": result.get("setup_time_s"),
+        "cpu_time_s": result.get("cpu_time_s"),
         "peak_rss_mb": result["peak_rss_mb"], "trainable_params": result["trainable_params"],
         "n_experiences": len(result["accuracy_matrix"][0]),
         "retrieval_acc": (result.get("avalanche_metrics") or {}).get(RETRIEVAL_KEY),
@@ -135,8 +142,8 @@ def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table (mean ± std over seeds; accuracies in %)."""
-    keys = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "peak_rss_mb",
-            "trainable_params")
+    keys = ("final_acc", "avg_inc_acc", "bwt", "forgetting", "pretrained_acc", "train_time_s", "eval_time_s",
+            "setup_time_s", "peak_rss_mb", "trainable_params")
     if any(not math.isnan(row.get("within_task_acc_mean", math.nan)) for row in rows):
         keys = keys[:4] + ("within_task_acc",) + keys[4:]  # only tables with a class-incremental benchmark
     if any(not math.isnan(row.get("retrieval_acc_mean", math.nan)) for row in rows):

@@ -163,7 +163,7 @@ def test_pretrain_tiny_vit_runs_and_is_deterministic(cache_dir):
 def test_pretrained_tiny_vit_writes_one_file_and_reloads(cache_dir, monkeypatch):
     path, model, meta = cache_dir
     config = tiny_pretrain_config()
-    files = sorted(p.name for p in path.iterdir())
+    files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))  # not the pretraining lock
     assert files == [f"tiny_vit-{config.fingerprint()}.safetensors"]
     assert meta["path"] == str(path / files[0])
 
@@ -174,7 +174,7 @@ def test_pretrained_tiny_vit_writes_one_file_and_reloads(cache_dir, monkeypatch)
     again, meta2 = pretrained_tiny_vit(config, cache_dir=path, progress=False)
     assert _same_state(again.state_dict(), model.state_dict())
     assert meta2 == meta
-    assert sorted(p.name for p in path.iterdir()) == files
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == files
 
 
 def test_pretrained_metadata(cache_dir):
@@ -311,7 +311,8 @@ def test_tiny_vit_backbone_pretrained_heads(cache_dir, monkeypatch):
     auto_split = build(_pretrained_options(str(path), "auto"), fake_benchmark("split_digits"), 0)
     assert torch.equal(auto_domain.head.weight, kept.head.weight)
     assert torch.equal(auto_split.head.weight, reset.head.weight)
-    assert sorted(p.name for p in path.iterdir()) == [f"tiny_vit-{tiny_pretrain_config().fingerprint()}.safetensors"]
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == [
+        f"tiny_vit-{tiny_pretrain_config().fingerprint()}.safetensors"]
 
 
 def test_tiny_vit_backbone_from_checkpoint(cache_dir):
@@ -332,3 +333,33 @@ def test_reset_head_updates_config_and_rejects_bad_sizes():
     for bad in (0, -1, True, 2.5):
         with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
             model.reset_head(bad)
+
+
+def test_concurrent_callers_pretrain_once_and_share_the_checkpoint(tmp_path, monkeypatch):
+    """Workers of a parallel grid asking for the same backbone at once: one pretrains, the others wait on the cache
+    entry's lock and load its checkpoint."""
+    import threading
+
+    import avalanche_merge.models.pretrain as pretrain
+
+    calls = []
+    real = pretrain.pretrain_tiny_vit
+
+    def counted(config, progress=True):
+        calls.append(threading.current_thread().name)
+        return real(config, progress=False)
+
+    monkeypatch.setattr(pretrain, "pretrain_tiny_vit", counted)
+    config = pretrain.PretrainConfig(vit=pretrain.TinyViTConfig(dim=16, depth=1, heads=2), epochs=1)
+    models = []
+    threads = [threading.Thread(target=lambda: models.append(pretrain.pretrained_tiny_vit(config, cache_dir=tmp_path,
+                                                                                           progress=False)[0]))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(models) == 3
+    for m in models[1:]:
+        for (k, a), b in zip(models[0].state_dict().items(), m.state_dict().values()):
+            assert torch.equal(a, b), k
