@@ -4,6 +4,8 @@
   from its config dataclass by :mod:`avalanche_merge.options_doc`, grouped by family; the shared train settings,
   benchmarks and backbones likewise. The reference therefore cannot disagree with the code.
 - ``reference/api/*.md``: API pages rendered by mkdocstrings from the docstrings.
+- ``results_table.md``: the stored bench summary (``experiments/results/bench/summary.md``, written by
+  ``avalanche-merge bench`` / ``summarize``), so the site's full table is the stored runs' table.
 - ``assets/results/...``: the stored figures that pages link to, copied from ``experiments/results/``.
 """
 
@@ -102,6 +104,19 @@ def _copy_figures() -> None:
             f.write(source.read_bytes())
 
 
+def _results_table() -> str:
+    summary = ROOT / "experiments" / "results" / "bench" / "summary.md"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{summary} is missing: run `avalanche-merge summarize experiments/results/bench`")
+    return ("# Full bench table\n\nEvery stored run of `avalanche-merge bench --full` "
+            "(`experiments/results/bench/`; mean ± sample std over seeds 0-2; accuracies in %; times in seconds on "
+            "a shared 2-core machine, so compare them within a row, not across rows). Generated from "
+            "`experiments/results/bench/summary.md` at build time; see [Results](results.md) for the discussion.\n\n"
+            + summary.read_text())
+
+
+with mkdocs_gen_files.open("results_table.md", "w") as f:
+    f.write(_results_table())
 with mkdocs_gen_files.open("reference/configs.md", "w") as f:
     f.write(_config_reference())
 _api_pages()

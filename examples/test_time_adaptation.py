@@ -24,7 +24,7 @@ def main() -> None:
                              [tensor_classification_dataset(shifted, y[test], 0)])
     model = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 12 * 12, 10))
-    for plugins, name in (([], "no adaptation"), ([TentPlugin(TentConfig())], "TENT")):
+    for plugins, name in (([], "no adaptation"), ([TentPlugin(config=TentConfig())], "TENT")):
         net = model  # the same trained weights for both: TENT restores them after evaluating
         strategy = Naive(model=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3), train_mb_size=64,
                          train_epochs=3, eval_mb_size=128, plugins=plugins)

@@ -82,8 +82,9 @@ def plot_ka_zs(results: list[dict], path: str | Path, *, title: str = "", labels
     groups = _by_label(results)
     order = [lab for lab in (labels or []) if lab in groups] + [lab for lab in groups if lab not in (labels or [])]
     groups = {lab: groups[lab] for lab in order}
-    families = method_families({runs[0]["method"] for runs in groups.values()})
-    styles = {lab: method_style(runs[0]["method"], families[runs[0]["method"]], lab) for lab, runs in groups.items()}
+    method_of = {lab: runs[0].get("method", lab) for lab, runs in groups.items()}
+    families = method_families(set(method_of.values()))
+    styles = {lab: method_style(method_of[lab], families[method_of[lab]], lab) for lab in groups}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     zero = None
     for label, runs in groups.items():

@@ -6,6 +6,9 @@
 - :class:`SparCLPlugin`: SparCL (task-aware dynamic masks, gradient masks, data removal) on a rehearsal strategy;
 - :class:`SparseMemoryPlugin`: sparse memory fine-tuning (a product-key memory, TF-IDF-selected rows);
 - :class:`RoutedPlugin`: retrieval-routed per-task LoRA (CoLoR, Proteus), wrapping the user's model;
+- :class:`PromptPlugin`: prompt-based learners (L2P, DualPrompt, CODA-Prompt) on a
+  :class:`~avalanche_merge.prompts.PromptedViT` built around the user's ViT;
+- :class:`TentPlugin`: TENT test-time adaptation during evaluation; :class:`MemoLayerNormPlugin`: TTACIL's MEMO step;
 - :class:`HeadProtocolPlugin`: head protocols (masked, per-task heads, frozen zero-shot heads);
 - :func:`save_state` / :func:`load_state`: save and resume a strategy's continual state (safetensors + JSON).
 
@@ -16,12 +19,15 @@ Names and options are the CLI's (``avalanche-merge list``); options are validate
 
 from .lora import LoRAPlugin
 from .merge import MergePlugin
+from .prompts import PromptPlugin
 from .protocol import HeadProtocolPlugin
 from .routed import RoutedPlugin
 from .sparcl import SparCLPlugin
 from .sparse import SparsePlugin
 from .sparse_memory import SparseMemoryOptions, SparseMemoryPlugin
 from .state import load_state, save_state
+from .tta import MemoLayerNormPlugin, TentPlugin
 
-__all__ = ["HeadProtocolPlugin", "LoRAPlugin", "MergePlugin", "RoutedPlugin", "SparCLPlugin", "SparseMemoryOptions",
-           "SparseMemoryPlugin", "SparsePlugin", "load_state", "save_state"]
+__all__ = ["HeadProtocolPlugin", "LoRAPlugin", "MemoLayerNormPlugin", "MergePlugin", "PromptPlugin", "RoutedPlugin",
+           "SparCLPlugin", "SparseMemoryOptions", "SparseMemoryPlugin", "SparsePlugin", "TentPlugin", "load_state",
+           "save_state"]

@@ -20,6 +20,7 @@ cores of :mod:`avalanche_merge.tta`.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 from typing import Any
 
@@ -38,16 +39,35 @@ def _optimizer(params, name: str, lr: float, momentum: float, weight_decay: floa
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def _config(cls: type, config: Any, options: dict[str, Any]) -> Any:
+    """``config``, or ``cls(**options)`` with unknown option names refused, listing the valid ones."""
+    if config is not None and options:
+        raise ValueError(f"give either config= or options ({sorted(options)}), not both")
+    if config is not None:
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        return config
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; valid options: {valid}")
+    return cls(**options)
+
+
 class TentPlugin(SupervisedPlugin):
     """TENT during evaluation (see the module doc).
 
     Args:
-        config: :class:`~avalanche_merge.tta.config.TentConfig`.
+        config: :class:`~avalanche_merge.tta.config.TentConfig`; or give its options as keywords
+            (``TentPlugin(lr=1e-3, episodic=True)``), not both.
+
+    Raises:
+        ValueError: an unknown option (the message lists the valid ones), or both ``config`` and options.
     """
 
-    def __init__(self, config: TentConfig | None = None) -> None:
+    def __init__(self, *, config: TentConfig | None = None, **options: Any) -> None:
         super().__init__()
-        self.config = config or TentConfig()
+        self.config = _config(TentConfig, config, options)
         self.params: list[torch.nn.Parameter] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._snapshot: NormSnapshot | None = None
@@ -116,7 +136,7 @@ class MemoLayerNormPlugin(SupervisedPlugin):
         seed: seed of the AugMix generator.
     """
 
-    def __init__(self, config: TTACILConfig | None = None, *, seed: int = 0) -> None:
+    def __init__(self, *, config: TTACILConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         self.config = config or TTACILConfig()
         self.generator = torch.Generator().manual_seed(seed)

@@ -110,7 +110,7 @@ def build_pretrained_head(ctx: BuildContext, cfg: NoOptions):
     return ZeroShotStrategy(model=ctx.model, **ctx.strategy_kwargs())
 
 
-register_plugin_method("tent", make_plugin=lambda ctx, cfg: TentPlugin(cfg), config_cls=TentConfig, family="tta",
+register_plugin_method("tent", make_plugin=lambda ctx, cfg: TentPlugin(config=cfg), config_cls=TentConfig, family="tta",
                        description="TENT: Naive training; at test time one entropy step per batch on the "
                                    "normalisation affine parameters (Wang et al. 2021)")
 
@@ -149,7 +149,7 @@ class TTACILStrategy(SupervisedTemplate):
         trainable = [p for n, p in model.named_parameters() if ".adaptmlp." in n or n.startswith(self.head_name + ".")]
         for p in trainable:
             p.requires_grad_(True)
-        self.memo = MemoLayerNormPlugin(config, seed=seed)
+        self.memo = MemoLayerNormPlugin(config=config, seed=seed)
         kwargs["plugins"] = list(kwargs.get("plugins") or []) + [self.memo]
         super().__init__(model=model, optimizer=make_optimizer(trainable), **kwargs)
         self.means = ClassMeans(num_classes, old.in_features)

@@ -56,7 +56,7 @@ def _naive(model, plugins, lr=1e-2):
 
 def test_tent_restores_every_parameter_and_its_optimizer_holds_only_norm_params():
     model = _model()
-    tent = TentPlugin(TentConfig(lr=0.05))
+    tent = TentPlugin(config=TentConfig(lr=0.05))
     spy = Spy(tent)
     strategy = _naive(model, [tent, spy])
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -74,7 +74,7 @@ def test_tent_restores_every_parameter_and_its_optimizer_holds_only_norm_params(
 def test_tent_episodic_resets_the_layernorms_before_every_batch():
     model = _model()
     spy = Spy()
-    strategy = _naive(model, [TentPlugin(TentConfig(lr=0.05, episodic=True)), spy])
+    strategy = _naive(model, [TentPlugin(config=TentConfig(lr=0.05, episodic=True)), spy])
     start = model.norm.weight.detach().clone()
     strategy.eval(_stream().test_stream)
     assert all(torch.equal(w, start) for w in spy.ln_at_forward)
@@ -103,7 +103,7 @@ def test_tent_predicts_from_the_pre_update_forward_with_the_mean_entropy():
     stream = _stream()
     spy = Spy()
     cfg = TentConfig(optimizer="sgd", lr=0.5, momentum=0.9)
-    strategy = _naive(model, [TentPlugin(cfg), spy])
+    strategy = _naive(model, [TentPlugin(config=cfg), spy])
     strategy.eval(stream.test_stream[0])
     x = torch.stack([stream.test_stream[0].dataset[i][0] for i in range(48)])
     ref = _reference_tent(model, x.split(16), lr=0.5)
@@ -118,7 +118,7 @@ def test_tent_predicts_from_the_pre_update_forward_with_the_mean_entropy():
 def test_tent_leaves_training_unchanged():
     stream = _stream(1)
     finals = []
-    for plugins in ([], [TentPlugin(TentConfig(lr=0.1))]):
+    for plugins in ([], [TentPlugin(config=TentConfig(lr=0.1))]):
         model = _model(3)
         torch.manual_seed(0)
         strategy = _naive(model, plugins)
@@ -158,7 +158,7 @@ def test_tent_beats_no_adaptation_on_a_covariate_shift_averaged_over_seeds(seeds
         with torch.no_grad():
             plain = (model.eval()(xt).argmax(1) == yt).float().mean()
         strategy = SimpleNamespace(model=model)
-        tent = TentPlugin(TentConfig())
+        tent = TentPlugin(config=TentConfig())
         tent.before_eval_exp(strategy)
         correct = 0
         for x, y in zip(xt.split(64), yt.split(64), strict=True):
@@ -183,7 +183,7 @@ def test_memo_step_is_one_sgd_step_on_the_per_instance_marginal_then_restored():
     cfg = TTACILConfig(n_views=4, lr=0.5)
     strategy = _memo_strategy()
     model = strategy.model
-    memo = MemoLayerNormPlugin(cfg, seed=5)
+    memo = MemoLayerNormPlugin(config=cfg, seed=5)
     memo.snapshot(model)
     ln_ids = {id(p) for n, p in model.named_parameters() if "norm" in n}
     assert {id(p) for g in memo.optimizer.param_groups for p in g["params"]} == ln_ids
@@ -212,10 +212,20 @@ def test_memo_step_is_one_sgd_step_on_the_per_instance_marginal_then_restored():
 def test_memo_momentum_is_reset_per_batch_unless_carried():
     for carry, expect_state in ((False, False), (True, True)):
         strategy = _memo_strategy()
-        memo = MemoLayerNormPlugin(TTACILConfig(n_views=2, carry_momentum=carry), seed=0)
+        memo = MemoLayerNormPlugin(config=TTACILConfig(n_views=2, carry_momentum=carry), seed=0)
         memo.snapshot(strategy.model)
         memo.before_eval_forward(strategy)
         memo.after_eval_forward(strategy)
         assert bool(memo.optimizer.state) is expect_state
         memo.after_eval_exp(strategy)
         assert not memo.optimizer.state  # always reset at the end of an experience
+
+
+def test_tent_options_as_keywords_and_typos_list_the_valid_ones():
+    assert TentPlugin(lr=0.05, episodic=True).config == TentConfig(lr=0.05, episodic=True)
+    with pytest.raises(ValueError, match=r"unknown TentConfig option\(s\) \['lrr'\]; valid options: \[.*'lr'"):
+        TentPlugin(lrr=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        TentPlugin(config=TentConfig(), lr=0.1)
+    with pytest.raises(TypeError):
+        TentPlugin(TentConfig())  # keyword-only, like every plugin
