@@ -91,8 +91,14 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return params
 
 
-def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = ()) -> None:
-    """Make the adapters ``active`` contribute to the forward pass; only those in ``trainable`` get gradients."""
+def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = (), *, fold: bool = True) -> None:
+    """Make the adapters ``active`` contribute to the forward pass; only those in ``trainable`` get gradients.
+
+    With ``fold``, the active frozen adapters of each layer run as one concatenated low-rank term
+    (:mod:`avalanche_merge.lora.fold`: same function, one pair of matmuls instead of one per adapter).
+    """
+    from .fold import fold_frozen, unfold
+
     trainable = set(trainable)
     for layer in lora_layers(model).values():
         present = [a for a in active if a in layer.lora_A]
@@ -100,6 +106,10 @@ def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = ())
         for a in layer.lora_A:
             for p in (*layer.lora_A[a].parameters(), *layer.lora_B[a].parameters()):
                 p.requires_grad_(a in trainable)
+        if fold:
+            fold_frozen(layer, [a for a in present if a not in trainable])
+        else:
+            unfold(layer)
 
 
 @contextmanager
