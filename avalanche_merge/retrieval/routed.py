@@ -5,7 +5,10 @@ After training task ``t``, the inputs of the task are embedded by the **pretrain
 inactive) and a :class:`~avalanche_merge.retrieval.signatures.TaskSignatures` signature is fitted on them. At
 test time an input is embedded by the pretrained backbone, routed to a task, run through the backbone with only
 that task's adapter (Proteus: plus its gated transfer from earlier adapters, below) and classified by that task's
-head. A batch is grouped by routed task (one backbone pass per task present in the batch).
+head. A batch routed to several tasks runs the adapted backbone once: every adapter is active and its output is
+multiplied by a per-input coefficient (1 for the input's task, its transfer gate for an earlier adapter, 0
+otherwise), so each input sees exactly its task's module (:attr:`RoutedLoRA.batch_tasks`; False runs one
+backbone pass per task present, the implementation before issue 19).
 
 - **CoLoR** (Wistuba et al., "Continual Learning with Low Rank Adaptation", arXiv 2311.17601): one LoRA per task,
   routing by k-means prototypes of pretrained features (``signature_method="centroid"``), no penalty.
@@ -172,7 +175,8 @@ class RoutedLoRA(nn.Module):
         self.training_task: int | None = None  # the task being trained (its adapter is trainable)
         self.oracle_task: int | None = None  # task used by router "oracle" when forward gets no task_ids
         self.last_routed: torch.Tensor | None = None
-        self._gate_of: dict[str, torch.Tensor] = {}  # earlier adapter name -> gate of the task being run
+        self._gate_of: dict[str, torch.Tensor] = {}  # adapter name -> its gate (0-d) or per-input gates [B]
+        self.batch_tasks = True  # one adapted pass for a batch routed to several tasks (see the module docstring)
 
     @property
     def num_tasks(self) -> int:
@@ -255,7 +259,11 @@ class RoutedLoRA(nn.Module):
     def _gate_hook(self, name: str):
         def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
             gate = self._gate_of.get(name)
-            return None if gate is None else output * gate
+            if gate is None:
+                return None
+            if gate.dim() == 1:  # one gate per input: broadcast over tokens and features
+                gate = gate.view(-1, *[1] * (output.dim() - 1))
+            return output * gate
         return hook
 
     def _set_active(self, active: list[str], gates: dict[str, torch.Tensor]) -> None:
@@ -273,6 +281,23 @@ class RoutedLoRA(nn.Module):
         gates = self.gates[t]
         earlier = self.adapters[:gates.numel()]
         self._set_active([*earlier, self.adapters[t]], {a: gates[i] for i, a in enumerate(earlier)})
+        try:
+            return self.backbone.features(x)
+        finally:
+            self._set_active([], {})
+
+    def _routed_features(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Features of each input with its routed task's module, in one pass: every adapter active, gated per
+        input by the coefficients of its task (1 for its own adapter, its transfer gates for earlier ones)."""
+        dtype = next(self.backbone.parameters()).dtype
+        coef = torch.zeros(x.shape[0], self.num_tasks, dtype=dtype, device=x.device)
+        for t in routed.unique().tolist():
+            rows = routed == t
+            gates = self.gates[t]
+            coef[rows, t] = 1.0
+            if gates.numel():
+                coef[rows, :gates.numel()] = gates.to(dtype)
+        self._set_active(list(self.adapters), {a: coef[:, i] for i, a in enumerate(self.adapters)})
         try:
             return self.backbone.features(x)
         finally:
@@ -320,8 +345,16 @@ class RoutedLoRA(nn.Module):
         routed = self.route(x, task_ids)
         if routed.numel() != x.shape[0]:  # no signature fitted yet (evaluation inside the first task)
             routed = torch.full((x.shape[0],), self.num_tasks - 1, dtype=torch.long, device=x.device)
+        tasks = routed.unique().tolist()
+        if self.batch_tasks and len(tasks) > 1:
+            feats = self._routed_features(x, routed)
+            out = feats.new_full((x.shape[0], self.num_classes), FILL)
+            for t in tasks:
+                idx = (routed == t).nonzero().squeeze(1)
+                out[idx[:, None], self.task_classes[t]] = self.heads[t](feats[idx])
+            return out
         out = None
-        for t in routed.unique().tolist():
+        for t in tasks:
             idx = (routed == t).nonzero().squeeze(1)
             logits = self.task_logits(x[idx], t)
             if out is None:
