@@ -42,7 +42,7 @@ def _fill(model, tasks=4):
     model.eval()
 
 
-@pytest.mark.parametrize("cfg", [CoLoRConfig(router="oracle", n_components=2),
+@pytest.mark.parametrize("cfg", [CoLoRConfig(router="oracle", n_components=2, rank=2, alpha=4),  # scaling 2
                                  ProteusConfig(router="oracle", n_components=2, head_type="linear"),
                                  CoLoRConfig(n_components=2)])
 def test_batched_routed_forward_equals_one_pass_per_task(cfg):
