@@ -153,7 +153,8 @@ def worker(args) -> dict:
     else:
         from avalanche_merge.lora import make_learner
 
-        learner = make_learner(args.worker, model, rank=args.rank, target_modules=("q", "k", "v"))
+        options = {} if args.dropout is None else {"dropout": args.dropout}
+        learner = make_learner(args.worker, model, rank=args.rank, target_modules=("q", "k", "v"), **options)
         learner.set_stream_length(args.tasks)
         setup = []
         for task in range(args.tasks):
@@ -195,6 +196,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_worker_arguments(parser, tasks=3, methods_help="comma-separated learners (default: all registered)")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="LoRA dropout of every learner (default: each learner's own, e.g. O-LoRA's 0.1)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
