@@ -79,12 +79,17 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 
 def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = (),
-             foreign: Mapping[str, Mapping[str, bool]] | None = None) -> None:
+             foreign: Mapping[str, Mapping[str, bool]] | None = None, *, fold: bool = True) -> None:
     """Make the adapters ``active`` contribute to the forward pass; only those in ``trainable`` get gradients.
 
     ``foreign`` (from :func:`foreign_adapters`): adapters that were on the model before the learner; those that
     were active stay active, and each of their parameters keeps the ``requires_grad`` the user had set.
+    With ``fold``, the learner's active frozen adapters of each layer run as one concatenated low-rank term
+    (:mod:`avalanche_merge.lora.fold`: same function, one pair of matmuls instead of one per adapter); foreign
+    adapters are never folded.
     """
+    from .fold import fold_frozen, unfold
+
     trainable = set(trainable)
     foreign = _FOREIGN.get(model, {}) if foreign is None else foreign
     for layer_name, layer in lora_layers(model).items():
@@ -96,6 +101,10 @@ def activate(model: nn.Module, active: list[str], trainable: Iterable[str] = (),
         for a in layer.lora_A:
             for p in (*layer.lora_A[a].parameters(), *layer.lora_B[a].parameters()):
                 p.requires_grad_(grads[id(p)] if a in kept else a in trainable)
+        if fold:
+            fold_frozen(layer, [a for a in present if a not in trainable and a not in kept])
+        else:
+            unfold(layer)
 
 
 def foreign_adapters(model: nn.Module, reserved: Callable[[str], bool] = lambda name: False

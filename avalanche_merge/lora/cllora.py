@@ -105,8 +105,12 @@ class BlockWeight(nn.Module):
         self.beta = beta
         self.index = index
 
+    def factor(self) -> torch.Tensor:
+        """The scalar multiplying ``B`` (read by :mod:`~avalanche_merge.lora.fold`)."""
+        return self.beta[self.index]
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.beta[self.index]
+        return weight * self.factor()
 
     def extra_repr(self) -> str:
         return f"index={self.index}"

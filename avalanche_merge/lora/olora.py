@@ -24,15 +24,20 @@ from .registry import register_learner
 
 
 def orthogonality_penalty(old: Sequence[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
-    """``sum_i sum_{j,k} |(old_i new^T)_{jk}|`` for down-projections ``old_i`` (r_i x d) and ``new`` (r x d)."""
-    total = new.new_zeros(())
-    new = new.flatten(1)  # a convolution's A (r x c x k x k): one row per rank, the kernel flattened
+    """``sum_i sum_{j,k} |(old_i new^T)_{jk}|`` for down-projections ``old_i`` (r_i x d) and ``new`` (r x d).
+
+    One product with the old projections stacked (``[old_1; ...; old_k] new^T``): the same sum of absolute values
+    in one matmul instead of one per earlier adapter. A convolution's A (r x c x k x k) counts one row per rank,
+    the kernel flattened.
+    """
+    new = new.flatten(1)
+    old = [a.flatten(1) for a in old]
     for a in old:
-        a = a.flatten(1)
         if a.shape[-1] != new.shape[-1]:
             raise ValueError(f"old adapter has input dim {a.shape[-1]}, new one {new.shape[-1]}")
-        total = total + (a.detach() @ new.T).abs().sum()
-    return total
+    if not old:
+        return new.new_zeros(())
+    return (torch.cat([a.detach() for a in old]) @ new.T).abs().sum()
 
 
 @dataclass(kw_only=True)

@@ -95,8 +95,12 @@ class Magnitude(nn.Module):
         self.register_buffer("inv_norm", torch.ones((), dtype=dtype, device=device))
         self.register_buffer("norm", torch.zeros((), dtype=dtype, device=device))
 
+    def factor(self) -> torch.Tensor:
+        """The scalar multiplying ``B`` (read by :mod:`~avalanche_merge.lora.fold`)."""
+        return self.magnitude * self.inv_norm
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (self.magnitude * self.inv_norm)
+        return weight * self.factor()
 
 
 @dataclass(kw_only=True)

@@ -22,13 +22,10 @@ from collections.abc import Sequence
 import torch
 
 from .steps import (
-    agreement,
     check_density,
-    disjoint_mean,
     drop_and_rescale,
-    elect_sign,
     global_magnitude_threshold,
-    trim,
+    kth_largest_magnitude,
 )
 from .task_vector import TaskVector, check_scalar, check_task_vectors
 
@@ -42,11 +39,10 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return w
 
 
-def _weighted(stacked: torch.Tensor, w: list[float]) -> torch.Tensor:
-    return stacked * torch.tensor(w, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
-
-
-_CHUNK = 1 << 16  # 256 KiB of fp32: a chunk and its accumulator stay in cache across the T task vectors
+# 256 KiB of fp32: a chunk and its accumulator stay in cache across the T task vectors. A multiple of 32: torch
+# sums a (T, m) block over T in task order for the first 32 * (m // 32) columns and the rest in another order, so
+# chunk boundaries at multiples of 32 keep the chunked sums bit-identical to whole-tensor ones.
+_CHUNK = 1 << 16
 
 
 def _step(t: torch.Tensor) -> int:
@@ -91,29 +87,84 @@ def average(task_vectors: Sequence[TaskVector]) -> TaskVector:
 
 
 def _trimmer(tvs: list[TaskVector], density: float, trim_scope: str) -> list:
-    """One ``trim(tensor) -> tensor`` per task vector; model-wide thresholds are computed once, up front."""
+    """One ``threshold(name, tensor) -> float | None`` per task vector: entries with ``|v| >= threshold`` survive
+    the trim (None keeps all); model-wide thresholds are computed once, up front."""
     if trim_scope == "tensor":
-        return [lambda v: trim(v, density)] * len(tvs)
+        return [lambda _, v: _tensor_threshold(v, density)] * len(tvs)
     if trim_scope == "model":
         thresholds = [global_magnitude_threshold([v for _, v in tv.items()], density) for tv in tvs]
-        return [lambda v, thr=thr: v * (v.abs() >= thr) for thr in thresholds]
+        return [lambda _, v, thr=thr: thr for thr in thresholds]
     raise ValueError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
+
+
+def _tensor_threshold(v: torch.Tensor, density: float) -> float | None:
+    k = int(density * v.numel())
+    if k == v.numel():
+        return None
+    return float("inf") if k == 0 else float(kth_largest_magnitude(v, k))
 
 
 def _ties_merge(tvs: list[TaskVector], w: list[float], sign_method: str, merge_func: str = "mean",
                 trims: list | None = None) -> TaskVector:
-    """Trim (optional), elect sign, disjoint mean or sum; one parameter at a time (memory: T tensors of one
-    parameter, never T trimmed copies of the model)."""
+    """Trim (optional: ``trims`` from :func:`_trimmer`), elect sign, disjoint mean or sum; one parameter at a time
+    (memory: one chunk of each of the T tensors, never T trimmed copies of the model)."""
     if merge_func not in ("mean", "sum"):
         raise ValueError(f"merge_func must be 'mean' or 'sum', got {merge_func!r}")
+    if sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority sign method must be 'total' or 'frequency', got {sign_method!r}")
     merged = {}
     for k in tvs[0]:
-        stacked = torch.stack([tv[k] if trims is None else trims[i](tv[k]) for i, tv in enumerate(tvs)])
-        agree = agreement(stacked, elect_sign(stacked, sign_method))
-        values = _weighted(stacked, w) if any(x != 1.0 for x in w) else stacked
-        merged[k] = disjoint_mean(values, agree) if merge_func == "mean" else (values * agree).sum(dim=0)
-        del stacked, agree, values
+        tensors = [tv[k] for tv in tvs]
+        thresholds = [None] * len(tvs) if trims is None else [trims[i](k, v) for i, v in enumerate(tensors)]
+        merged[k] = ties_tensor(tensors, thresholds, w, sign_method, merge_func)
     return TaskVector._trusted(merged)
+
+
+def ties_tensor(tensors: list[torch.Tensor], thresholds: list[float | None], w: list[float],
+                sign_method: str = "total", merge_func: str = "mean") -> torch.Tensor:
+    """TIES on one parameter, chunk by chunk (a ``(T, chunk)`` buffer stays in cache; no ``(T, ...)`` stack).
+
+    Per chunk: the trim is one ``hardshrink`` per task (``|v| > nextafter(thr, 0)``, i.e. ``|v| >= thr`` in
+    float32); with the elected sign, one ``clamp`` to ``[0, inf)`` or ``(-inf, 0]`` keeps exactly the agreeing
+    entries, and their count is ``|sum_t sign|``. Same values as
+    :func:`~avalanche_merge.merging.reference.ties_tensor_reference` (a zero may come out as ``-0.0`` there and
+    ``+0.0`` here).
+    """
+    out = torch.empty_like(tensors[0])
+    flat_out, inputs, n, t = out.view(-1), [x.reshape(-1) for x in tensors], out.numel(), len(tensors)
+    step = min(_step(out), max(n, 1))
+    buf, scratch = torch.empty(2, t * step, dtype=out.dtype, device=out.device)
+    zero, low_open, high_open = (torch.full((step,), v, dtype=out.dtype, device=out.device)
+                                 for v in (0.0, float("-inf"), float("inf")))
+    lambdas = [None if thr is None else _shrink_level(thr) for thr in thresholds]
+    weights = None if all(x == 1.0 for x in w) else torch.tensor(w, dtype=out.dtype, device=out.device).view(-1, 1)
+    for start in _chunks(out):
+        m = min(step, n - start)
+        values, signs = buf[:t * m].view(t, m), scratch[:t * m].view(t, m)
+        for row, x, lam in zip(values, inputs, lambdas):
+            if lam is None:
+                row.copy_(x[start:start + m])
+            else:
+                torch.nn.functional.hardshrink(x[start:start + m], lam, out=row)
+        score = values.sum(dim=0) if sign_method == "total" else torch.sign(values, out=signs).sum(dim=0)
+        positive = score >= 0  # the elected sign (a zero score elects +1, as peft)
+        low = torch.where(positive, zero[:m], low_open[:m])
+        torch.clamp(values, min=low, max=torch.where(positive, high_open[:m], zero[:m]), out=values)
+        target = flat_out[start:start + m]
+        if merge_func == "mean":
+            count = torch.sign(values, out=signs).sum(dim=0).abs_().clamp_(min=1)
+        if weights is not None:
+            values.mul_(weights)
+        torch.sum(values, dim=0, out=target)
+        if merge_func == "mean":
+            target.div_(count)
+    return out
+
+
+def _shrink_level(threshold: float) -> float:
+    """The float32 just below ``threshold`` (towards 0): ``|v| > level`` iff ``|v| >= threshold`` in float32."""
+    thr = torch.tensor(threshold, dtype=torch.float32)
+    return float(torch.nextafter(thr, torch.zeros_like(thr)))
 
 
 def ties(task_vectors: Sequence[TaskVector], *, density: float = 0.2, sign_method: str = "total",

@@ -5,7 +5,11 @@ After training task ``t``, the inputs of the task are embedded by the **pretrain
 inactive) and a :class:`~avalanche_merge.retrieval.signatures.TaskSignatures` signature is fitted on them. At
 test time an input is embedded by the pretrained backbone, routed to a task, run through the backbone with only
 that task's adapter (Proteus: plus its gated transfer from earlier adapters, below) and classified by that task's
-head. A batch is grouped by routed task (one backbone pass per task present in the batch).
+head. In eval mode a batch routed to several tasks runs the adapted backbone once: each LoRA layer adds every
+task's low-rank term at once (concatenated ``A`` and ``B``), weighted per input by its task's coefficients (1 for
+its own adapter, its transfer gates for earlier ones, 0 otherwise), so each input sees exactly its task's module
+(:attr:`RoutedLoRA.batch_tasks`; False runs one backbone pass per task present, the implementation before
+issue 19).
 
 - **CoLoR** (Wistuba et al., "Continual Learning with Low Rank Adaptation", arXiv 2311.17601): one LoRA per task,
   routing by k-means prototypes of pretrained features (``signature_method="centroid"``), no penalty.
@@ -38,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import check_range
@@ -149,6 +154,15 @@ class ProteusConfig(RoutedLoRAConfig):
     transfer: bool = True
 
 
+def _mixed_term(a_cat: torch.Tensor, b_cat: torch.Tensor, columns: torch.Tensor):
+    """Forward hook adding ``B_cat (columns * A_cat x)`` to a layer's output (``columns``: ``[B, R]``, per input)."""
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(args[0], a_cat)
+        coefficients = columns.view(columns.shape[0], *[1] * (hidden.dim() - 2), columns.shape[1])
+        return output + F.linear(hidden * coefficients, b_cat)
+    return hook
+
+
 class RoutedLoRA(nn.Module):
     """A backbone with per-task LoRA adapters and heads whose ``forward`` routes each input to one task.
 
@@ -213,6 +227,7 @@ class RoutedLoRA(nn.Module):
         self.oracle_task: int | None = None  # task used by router "oracle" when forward gets no task_ids
         self.last_routed: torch.Tensor | None = None
         self._gate_of: dict[str, torch.Tensor] = {}  # earlier adapter name -> gate of the task being run
+        self.batch_tasks = True  # one adapted pass for a batch routed to several tasks (see the module docstring)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """``feature_fn(x)``, else the input of the backbone's head during ``backbone(x)`` (any model with a head)."""
@@ -352,6 +367,36 @@ class RoutedLoRA(nn.Module):
         finally:
             self._set_active([], {})
 
+    def _routed_features(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Features of each input with its routed task's module, in one pass (eval: no dropout).
+
+        peft runs no adapter; a hook on each LoRA layer adds ``B_cat (c * A_cat x)`` with every task's ``A`` and
+        ``s B`` concatenated and ``c`` the input's coefficients over the adapters (1 for its task's own, its
+        transfer gates for earlier ones, 0 otherwise), repeated over each adapter's rank.
+        """
+        dtype = next(self.backbone.parameters()).dtype
+        coef = torch.zeros(x.shape[0], self.num_tasks, dtype=dtype, device=x.device)
+        for t in routed.unique().tolist():
+            rows = routed == t
+            gates = self.gates[t]
+            coef[rows, t] = 1.0
+            if gates.numel():
+                coef[rows, :gates.numel()] = gates.to(dtype)
+        handles = []
+        for layer in lora_layers(self.backbone).values():
+            names = [a for a in self.adapters if a in layer.lora_A]
+            a_cat = torch.cat([layer.lora_A[a].weight for a in names])
+            b_cat = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in names], dim=1)
+            ranks = torch.tensor([layer.lora_A[a].weight.shape[0] for a in names], device=x.device)
+            columns = coef[:, [self.adapters.index(a) for a in names]].repeat_interleave(ranks, dim=1)
+            handles.append(layer.register_forward_hook(_mixed_term(a_cat, b_cat, columns)))
+        self._set_active([], {})
+        try:
+            return self.backbone.features(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def task_logits(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """``[B, num_classes]`` output of task ``t`` (its classes' columns; ``FILL`` elsewhere)."""
         local = self.heads[t](self._task_features(x, t))
@@ -394,8 +439,16 @@ class RoutedLoRA(nn.Module):
         routed = self.route(x, task_ids)
         if routed.numel() != x.shape[0]:  # no signature fitted yet (evaluation inside the first task)
             routed = torch.full((x.shape[0],), self.num_tasks - 1, dtype=torch.long, device=x.device)
+        tasks = routed.unique().tolist()
+        if self.batch_tasks and len(tasks) > 1 and not self.training:
+            feats = self._routed_features(x, routed)
+            out = feats.new_full((x.shape[0], self.num_classes), FILL)
+            for t in tasks:
+                idx = (routed == t).nonzero().squeeze(1)
+                out[idx[:, None], self.task_classes[t]] = self.heads[t](feats[idx])
+            return out
         out = None
-        for t in routed.unique().tolist():
+        for t in tasks:
             idx = (routed == t).nonzero().squeeze(1)
             logits = self.task_logits(x[idx], t)
             if out is None:

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_experiment
 
 from avalanche_merge.lora import delta_weight, list_learners, make_learner
+from avalanche_merge.lora.fold import folding
 from avalanche_merge.lora.sdlora import SDLoRA, SDLoRAConfig, raw_weights
 from avalanche_merge.models.vit import TinyViT, TinyViTConfig
 
@@ -58,7 +59,9 @@ def probe(dtype=torch.float32):
 
 
 def output(learner, dtype=torch.float32):
-    with torch.no_grad():
+    """The model's output through peft's own per-adapter path: bitwise comparisons across save/load and task
+    switches must not see the rounding of the folded frozen adapters (tests/lora/test_fold.py checks those)."""
+    with torch.no_grad(), folding(False):
         return learner.model(probe(dtype))
 
 
