@@ -367,6 +367,15 @@ class RoutedLoRA(nn.Module):
         finally:
             self._set_active([], {})
 
+    def _batchable(self) -> bool:
+        """The one-pass mixed term needs linear adapted layers whose inputs put the batch first: the package's ViTs
+        (TinyViT, timm_vit). Other models (convolutions, open_clip's sequence-first attention) run one pass per
+        task."""
+        from ..models.vit import TinyViT
+
+        return isinstance(self.backbone, TinyViT) and all(
+            isinstance(layer.get_base_layer(), nn.Linear) for layer in lora_layers(self.backbone).values())
+
     def _routed_features(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Features of each input with its routed task's module, in one pass (eval: no dropout).
 
@@ -392,7 +401,7 @@ class RoutedLoRA(nn.Module):
             handles.append(layer.register_forward_hook(_mixed_term(a_cat, b_cat, columns)))
         self._set_active([], {})
         try:
-            return self.backbone.features(x)
+            return self._features(x)
         finally:
             for handle in handles:
                 handle.remove()
@@ -440,7 +449,7 @@ class RoutedLoRA(nn.Module):
         if routed.numel() != x.shape[0]:  # no signature fitted yet (evaluation inside the first task)
             routed = torch.full((x.shape[0],), self.num_tasks - 1, dtype=torch.long, device=x.device)
         tasks = routed.unique().tolist()
-        if self.batch_tasks and len(tasks) > 1 and not self.training:
+        if self.batch_tasks and len(tasks) > 1 and not self.training and self._batchable():
             feats = self._routed_features(x, routed)
             out = feats.new_full((x.shape[0], self.num_classes), FILL)
             for t in tasks:
