@@ -36,7 +36,7 @@ _BASELINE_STYLES = {
     "slda": ("#2f4f4f", (0, (6, 2)), "|"),
     "joint": ("#7f7f7f", "--", None),
 }
-_FAMILY_ORDER = ("merging", "lora", "sparse", "retrieval", "prompts", "tta", "zero_shot", "continual_pretraining")
+_FAMILY_ORDER = ("merging", "lora", "sparse", "retrieval", "prompt", "zeroshot", "tta")
 
 
 def _palette() -> list:
@@ -168,7 +168,8 @@ def family_figure(results: list[dict], *, title: str = "", baselines: Sequence[s
         ax.set_xticks(x)
     for ax in axes[-1]:
         ax.set_xlabel("experiences trained")
+    height = fig.get_size_inches()[1]
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10, y=1.0 - 0.05 / height)
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - (0.35 / height if title else 0.0)))  # the title above the columns'
     return fig
