@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import re
 import signal
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -116,6 +117,10 @@ def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     threadpool_limits(limits=threads)
+    # the parent's filters (cli.main) do not reach spawned workers: Avalanche's import-time notice that GEM's
+    # optional QP solvers are absent, and its own deprecation notices (e.g. ReplayPlugin's storage_policy.update)
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche(\.|$)")
 
 
 _PLANS: dict[str, dict[str, RunPlan]] = {}  # a worker's plans, by config
