@@ -158,6 +158,7 @@ class CodaPromptConfig(_Optim):
         layers: prompted blocks; None: the paper's (0, 1, 2, 3, 4) that exist.
         cosine: CODA's cosine schedule over each task's epochs (``lr cos(99 pi e / (200 (E - 1)))``).
         lr: Adam rate (1e-3), not scaled by batch.
+        scale_lr_by_batch: use ``lr x batch / 256`` (off: the reference's rate is not scaled).
         clip_grad: None (the reference does not clip).
         head_init: ``"backbone"``: the new head starts as the backbone's linear head when it has one of the right
             shape on the same features (TinyViT, timm; the bench's ``head`` option decides whether that is the

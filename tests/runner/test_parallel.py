@@ -60,7 +60,6 @@ def _same_as_sequential(out: Path, sequential: Path) -> dict[str, dict]:
     return runs
 
 
-@pytest.mark.slow  # worker processes import torch and Avalanche (~10 s on 2 cores)
 def test_jobs_give_the_runs_and_summary_of_a_sequential_run(tmp_path, sequential):
     results, rows = run_experiment(load_experiment(RAW), tmp_path, progress=False, plots=False, jobs=2)
     assert len(results) == 4 and len(rows) == 2
@@ -71,7 +70,6 @@ def test_jobs_give_the_runs_and_summary_of_a_sequential_run(tmp_path, sequential
     assert not list(tmp_path.glob(f"runs/*/{CLAIM_NAME}"))  # every claim released
 
 
-@pytest.mark.slow  # worker processes import torch and Avalanche (~10 s on 2 cores)
 def test_two_shard_workers_give_the_runs_and_summary_of_a_sequential_run(tmp_path, sequential):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(RAW))
@@ -92,7 +90,6 @@ def test_two_shard_workers_give_the_runs_and_summary_of_a_sequential_run(tmp_pat
     assert (out / "summary.csv").read_text() == before
 
 
-@pytest.mark.slow  # worker processes import torch and Avalanche (~10 s on 2 cores)
 def test_a_submitit_job_array_runs_a_grid_locally(tmp_path, sequential, capsys):
     pytest.importorskip("submitit")
     config = tmp_path / "tiny.json"
