@@ -342,10 +342,9 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
+    from .notices import quiet_avalanche_notices
 
-    # Avalanche imports qpsolvers, which warns on every start that GEM's optional solvers are absent
-    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+    quiet_avalanche_notices()  # Avalanche's QP-solver and deprecation notices
     args = build_parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import re
 import signal
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..notices import quiet_avalanche_notices
 from .plan import ExperimentConfig, RunPlan, plan_experiment
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -117,10 +117,7 @@ def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     threadpool_limits(limits=threads)
-    # the parent's filters (cli.main) do not reach spawned workers: Avalanche's import-time notice that GEM's
-    # optional QP solvers are absent, and its own deprecation notices (e.g. ReplayPlugin's storage_policy.update)
-    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche(\.|$)")
+    quiet_avalanche_notices()  # the parent's (cli.main) does not reach spawned workers
 
 
 _PLANS: dict[str, dict[str, RunPlan]] = {}  # a worker's plans, by config
