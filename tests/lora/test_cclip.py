@@ -164,3 +164,73 @@ def test_cclip_refuses_missing_captions_and_text_tower():
     config = {"benchmarks": ["split_digits"], "methods": ["c_clip"], "seeds": [0], "loggers": []}
     with pytest.raises(ConfigError, match="no text tower"):
         plan_experiment(load_experiment(config))
+
+
+def _np_symmetric_ce(logits):
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+
+    def ce(m):
+        m = m - m.max(axis=1, keepdims=True)
+        return float(np.mean(-(np.diag(m) - np.log(np.exp(m).sum(axis=1)))))
+
+    return 0.5 * (ce(z) + ce(z.T))
+
+
+def test_losses_equal_an_independent_float64_computation():
+    """Exact values (not only limits): CLIP's loss is the mean of the two directions' cross-entropies (not their
+    sum), over ``scale * image @ text.T``; CKC normalises each row of ``[image, text]`` (not the whole matrix) and
+    divides by tau, 0.07 by default."""
+    import numpy as np
+
+    from avalanche_merge.lora.cclip import ckc_loss, clip_contrastive_loss
+
+    g = torch.Generator().manual_seed(11)
+    image, text = (torch.nn.functional.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=-1)
+                   for _ in range(2))
+    expected = _np_symmetric_ce(4.0 * image.numpy() @ text.numpy().T)
+    assert float(clip_contrastive_loss(image, text, 4.0)) == pytest.approx(expected, rel=1e-12)
+    new_i, new_t, old_i, old_t = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def rows(a, b):
+        c = np.concatenate([a.numpy(), b.numpy()], axis=1)
+        return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+    h, z = rows(new_i, new_t), rows(old_i, old_t)
+    assert float(ckc_loss(new_i, new_t, old_i, old_t)) == pytest.approx(_np_symmetric_ce(h @ z.T / 0.07), rel=1e-12)
+    assert float(ckc_loss(new_i, new_t, old_i, old_t, temperature=0.5)) == pytest.approx(
+        _np_symmetric_ce(h @ z.T / 0.5), rel=1e-12)
+
+
+def test_bad_pairs_name_the_arguments():
+    from avalanche_merge.lora.cclip import ckc_loss, clip_contrastive_loss
+
+    a, b = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"^image and text must be \(N, D\) of one shape, got \(4, 3\) and \(4, 2\)"):
+        clip_contrastive_loss(a, b, 1.0)
+    with pytest.raises(ValueError, match=r"^image and text must be"):
+        clip_contrastive_loss(torch.randn(4), torch.randn(4), 1.0)  # same shape, not (N, D)
+    with pytest.raises(ValueError, match=r"^new_image and new_text must be"):
+        ckc_loss(a, b, a, a)
+    with pytest.raises(ValueError, match=r"^old_image and old_text must be"):
+        ckc_loss(a, a, a, b)
+    with pytest.raises(ValueError, match=r"^a contrastive loss needs at least 2 pairs, got 1$"):
+        clip_contrastive_loss(torch.randn(1, 7), torch.randn(1, 7), 1.0)
+    assert torch.isfinite(clip_contrastive_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0))  # 2 pairs suffice
+
+
+def test_projector_is_linear_batchnorm_relu_linear_and_accepts_width_one():
+    from avalanche_merge.lora.cclip import Projector
+
+    p = Projector(4, 3)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    lin1, bn, lin2 = p.net[0], p.net[1], p.net[3]
+    y = lin1(x)
+    y = (y - y.mean(0)) / torch.sqrt(y.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias
+    assert torch.allclose(p(x), lin2(torch.relu(y)), atol=1e-6)  # training mode: batch statistics
+    assert Projector(1, 1)(torch.randn(3, 1)).shape == (3, 1)
+    assert Projector(2).net[0].out_features == 4  # hidden defaults to 2 d
+    for dim, hidden in ((0, None), (2, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            Projector(dim, hidden)

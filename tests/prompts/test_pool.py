@@ -67,3 +67,57 @@ def test_pool_returns_the_selected_prompts():
     assert idx.tolist() == [[0, 1], [2, 3], [3, 1]]
     assert torch.equal(prompts[2, 0], pool.prompts[3])
     assert pool.prompts.min() >= -1 and pool.prompts.max() <= 1 and pool.prompts.min() < -0.5
+
+
+def test_boundaries_of_top_n_pool_size_and_task_are_exact():
+    """top_n = 1 and top_n = pool are valid, task 0 is valid, and a task whose slice just fits is valid; one past
+    each bound is refused, with the slice named in the message."""
+    scores = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    assert select_prompts(scores, 1).shape == (2, 1) and select_prompts(scores, 4).shape == (2, 4)
+    assert select_prompts(scores, 2, task=0).tolist() == [[0, 1], [0, 1]]
+    assert select_prompts(scores, 2, task=1).tolist() == [[2, 3], [2, 3]]
+    with pytest.raises(ValueError, match=r"^task 2 needs prompts 4\.\.5; the pool has 4$"):
+        select_prompts(scores, 2, task=2)
+    with pytest.raises(ValueError, match=r"^task -1 needs prompts"):
+        select_prompts(scores, 2, task=-1)
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ValueError, match="top_n must be an int in"):
+            select_prompts(scores, bad)
+    assert PromptPool(1, 3, (2,), top_n=1).pool_size == 1
+    assert PromptPool(4, 3, (2,), top_n=4).top_n == 4
+    for size in (0, True, 2.0):
+        with pytest.raises(ValueError, match="pool_size must be an int >= 1"):
+            PromptPool(size, 3, (2,), top_n=1)
+    for top_n in (0, True):
+        with pytest.raises(ValueError, match="smaller than top-N"):
+            PromptPool(4, 3, (2,), top_n=top_n)
+
+
+def test_batchwise_majority_returns_top_n_even_when_only_low_indices_were_chosen():
+    # every row picks prompts 0 and 1 of a pool of 6: the majority is [0, 1]; with top_n 2 the counts must cover
+    # the whole pool so that the order is over all M prompts
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.0, -0.1, -0.2]] * 3)
+    assert select_prompts(scores, 2, batchwise=True).tolist() == [[0, 1]] * 3
+    # ties between many equal counts keep the lower index first (a stable order), on a long pool
+    scores = torch.eye(40)[1:40:2] * 2 - 1  # rows pick prompts 1, 3, 5, ... once each
+    assert select_prompts(scores, 1, batchwise=True)[0].tolist() == [1]
+
+
+def test_pool_initialisation_is_seeded_and_uniform_in_minus_one_one():
+    a = PromptPool(64, 16, (5, 8), top_n=4, generator=torch.Generator().manual_seed(3))
+    b = PromptPool(64, 16, (5, 8), top_n=4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.prompts, b.prompts)
+    assert a.prompts.shape == (64, 5, 8)
+    for t in (a.keys, a.prompts):
+        assert -1.0 <= float(t.min()) < -0.9 and 0.9 < float(t.max()) <= 1.0 and abs(float(t.mean())) < 0.1
+
+
+def test_pool_forward_passes_batchwise_and_task_on():
+    pool = PromptPool(6, 4, (2,), top_n=2, batchwise=True, generator=torch.Generator().manual_seed(0))
+    q = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    _, idx, pull = pool(q)
+    assert torch.equal(idx, select_prompts(key_scores(q, pool.keys), 2, batchwise=True))
+    assert (idx == idx[0]).all()  # batch-wise: one choice for the batch
+    _, idx, pull_t = pool(q, task=2)
+    assert idx.tolist() == [[4, 5]] * 5
+    assert torch.allclose(pull_t, pull_term(q, pool.keys, idx))

@@ -103,6 +103,22 @@ def test_adapt_step_moves_only_the_given_parameters_and_leaves_grads_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_adapt_step_skips_unused_parameters_and_puts_back_existing_grads():
+    """A norm layer the loss does not reach (e.g. a branch switched off) gets no gradient and does not move; a
+    ``.grad`` left by the training phase is restored after the step, not cleared."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 5))
+    unused = nn.LayerNorm(4)
+    params = [p for _, p in norm_parameters(model)] + list(unused.parameters())
+    previous = [torch.full_like(p, 0.25) for p in params]
+    for p, g in zip(params, previous, strict=True):
+        p.grad = g.clone()
+    frozen = {k: v.clone() for k, v in unused.state_dict().items()}
+    opt = torch.optim.SGD(params, lr=0.5)
+    adapt_step(entropy_loss(model(torch.randn(8, 3))), params, opt)
+    assert all(torch.equal(frozen[k], v) for k, v in unused.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, previous, strict=True))
+
+
 def test_augmix_views_are_deterministic_label_preserving_mixes_in_range():
     # smooth images (bilinear up-sampled 4x4 noise): a few pixels of shift keep an image close to itself
     coarse = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(3))
