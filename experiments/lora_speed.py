@@ -111,25 +111,10 @@ def peft_reference(args):
 
 def time_steps(args, model, params, data, penalty=lambda: None, after_backward=lambda: None,
                after_step=lambda: None) -> float:
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for i in range(args.steps + 3):
-        x, y = data[i % len(data)]
-        sync(args)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        extra = penalty()
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        after_backward()
-        opt.step()
-        after_step()
-        sync(args)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median wall time of ``args.steps`` training steps (:func:`stepper`) after 3 warm-up steps."""
+    step = stepper(args, model, params, data, penalty, after_backward, after_step)
+    times = [step() for _ in range(args.steps + 3)]
+    return statistics.median(times[3:])
 
 
 def worker(args) -> dict:
