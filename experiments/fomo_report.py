@@ -23,7 +23,9 @@ def main(folder: str, reference: str | None = None) -> None:
     rows = fomo_table(results)
     (out / "table.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     (out / "table.md").write_text(fomo_markdown(rows), encoding="utf-8")
-    plot_ka_zs(results, out / "ka_zs.png", labels=labels)
+    orderings = sorted({str(r["fomo"].get("ordering")) for r in results})
+    title = f"A_KA vs A_ZS after every step, {'/'.join(orderings)} order\n(circle: after the last task)"
+    plot_ka_zs(results, out / "ka_zs.png", labels=labels, title=title)
     print(fomo_markdown(rows))
 
 
