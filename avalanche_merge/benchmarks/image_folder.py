@@ -30,6 +30,25 @@ IMAGENET_R_FOLDER = "imagenet-r"
 _LAYOUT = "expected one sub-folder per class holding its images, e.g. <root>/<class_name>/<image>.jpg"
 
 
+def scan_image_folder(root: str | os.PathLike):
+    """``(ImageFolder, images per class)`` of ``root`` (file names only; images load lazily).
+
+    Raises:
+        FileNotFoundError: a class folder holds no images.
+    """
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(root), allow_empty=True)
+    counts = [0] * len(folder.classes)
+    for y in folder.targets:
+        counts[y] += 1
+    empty = [c for c, n in zip(folder.classes, counts, strict=True) if n == 0]
+    if empty:
+        raise FileNotFoundError(f"{len(empty)} class folder(s) under {str(root)!r} hold no images "
+                                f"(e.g. {', '.join(repr(c) for c in empty[:5])}); {_LAYOUT}")
+    return folder, counts
+
+
 class _RelabelledSubset(Dataset):
     """``base[indices[i]]`` with its label replaced by ``labels[i]``; loads items lazily from ``base``."""
 
@@ -160,16 +179,8 @@ def image_folder_benchmark(*, dataset_root: str, n_experiences: int = 10, seed: 
         raise FileNotFoundError(f"no class folders in dataset_root={str(root)!r}; {_LAYOUT}")
 
     from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
 
-    folder = ImageFolder(str(root), allow_empty=True)  # scans file names only; images load lazily
-    counts = [0] * len(folder.classes)
-    for y in folder.targets:
-        counts[y] += 1
-    empty = [c for c, n in zip(folder.classes, counts, strict=True) if n == 0]
-    if empty:
-        raise FileNotFoundError(f"{len(empty)} class folder(s) under {str(root)!r} hold no images "
-                                f"(e.g. {', '.join(repr(c) for c in empty[:5])}); {_LAYOUT}")
+    folder, counts = scan_image_folder(root)
     single = [c for c, n in zip(folder.classes, counts, strict=True) if n < 2]
     if single:
         raise ValueError(f"classes need two images or more for a train/test split; {single[:5]} have one")

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from ..config import check_range
 from .base import Benchmark, as_classification_dataset, make_scenario
 from .classic import CLIP_MEAN, CLIP_STD, _check_int, _check_root
-from .image_folder import _LAYOUT, _RelabelledSubset, _stratified_split
+from .image_folder import _LAYOUT, _RelabelledSubset, _stratified_split, scan_image_folder
 from .registry import register_benchmark
 
 TA8_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
@@ -50,17 +50,7 @@ def _class_names(root: Path, folders: list[str]) -> list[str]:
 
 
 def _image_folder(root: Path):
-    from torchvision.datasets import ImageFolder
-
-    folder = ImageFolder(str(root), allow_empty=True)
-    counts = [0] * len(folder.classes)
-    for y in folder.targets:
-        counts[y] += 1
-    empty = [c for c, n in zip(folder.classes, counts, strict=True) if n == 0]
-    if empty:
-        raise FileNotFoundError(f"{len(empty)} class folder(s) under {str(root)!r} hold no images (e.g. "
-                                f"{', '.join(repr(c) for c in empty[:5])}); {_LAYOUT}")
-    return folder
+    return scan_image_folder(root)[0]
 
 
 def _task_split(root: Path, test_fraction: float, seed: int) -> tuple[Dataset, list[int], Dataset, list[int], Path]:
